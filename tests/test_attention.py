@@ -1,0 +1,130 @@
+"""MultiHeadAttention against torch.nn.MultiheadAttention, the formula, and gradcheck (float64)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from transformer.model import MultiHeadAttention, attention_mask, causal_mask, scaled_dot_product_attention
+
+D, H = 16, 4
+
+
+def pair(dropout: float = 0.0) -> tuple[MultiHeadAttention, nn.MultiheadAttention]:
+    torch.manual_seed(0)
+    ours = MultiHeadAttention(D, H, dropout).double().eval()
+    ref = nn.MultiheadAttention(D, H, batch_first=True, dtype=torch.float64).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_()
+        ref.in_proj_weight.copy_(ours.in_proj.weight)
+        ref.in_proj_bias.copy_(ours.in_proj.bias)
+        ref.out_proj.weight.copy_(ours.out_proj.weight)
+        ref.out_proj.bias.copy_(ours.out_proj.bias)
+    return ours, ref
+
+
+def padding(B: int, S: int) -> torch.Tensor:
+    """(B, S) True at padding: row b has b trailing pad positions."""
+    return torch.arange(S).unsqueeze(0) >= (S - torch.arange(B)).unsqueeze(1)
+
+
+def test_self_attention_with_padding_matches_torch():
+    ours, ref = pair()
+    x = torch.randn(3, 7, D, dtype=torch.float64)
+    mask = padding(3, 7)
+    out, _ = ours(x, key_padding_mask=mask)
+    expected, _ = ref(x, x, x, key_padding_mask=mask)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+
+
+def test_causal_self_attention_matches_torch():
+    ours, ref = pair()
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    out, _ = ours(x, causal=True)
+    expected, _ = ref(x, x, x, attn_mask=nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64))
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+
+
+def test_causal_with_padding_matches_torch():
+    ours, ref = pair()
+    x = torch.randn(3, 6, D, dtype=torch.float64)
+    mask = padding(3, 6)
+    out, _ = ours(x, key_padding_mask=mask, causal=True)
+    expected, _ = ref(x, x, x, key_padding_mask=mask,
+                      attn_mask=nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64))
+    keep = ~mask  # rows of padded queries are irrelevant; compare the real positions
+    torch.testing.assert_close(out[keep], expected[keep], atol=1e-10, rtol=0)
+
+
+def test_cross_attention_with_padding_matches_torch():
+    ours, ref = pair()
+    q = torch.randn(3, 5, D, dtype=torch.float64)
+    memory = torch.randn(3, 9, D, dtype=torch.float64)
+    mask = padding(3, 9)
+    out, weights = ours(q, memory, key_padding_mask=mask, need_weights=True)
+    expected, expected_weights = ref(q, memory, memory, key_padding_mask=mask, average_attn_weights=False)
+    torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+    torch.testing.assert_close(weights, expected_weights, atol=1e-10, rtol=0)
+
+
+def test_weights_path_equals_fused_path():
+    ours, _ = pair()
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    fast, none = ours(x, causal=True)
+    slow, weights = ours(x, causal=True, need_weights=True)
+    assert none is None
+    torch.testing.assert_close(fast, slow, atol=1e-10, rtol=0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, H, 6, dtype=torch.float64))
+    assert torch.all(weights.triu(1) == 0), "a query attended to a future key"
+
+
+def test_scaled_dot_product_attention_is_the_formula():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 4, 5, dtype=torch.float64) for _ in range(3))
+    out, weights = scaled_dot_product_attention(q, k, v)
+    scores = torch.einsum("bhtd,bhsd->bhts", q, k) / math.sqrt(5)
+    expected_weights = scores.exp() / scores.exp().sum(-1, keepdim=True)
+    torch.testing.assert_close(weights, expected_weights, atol=1e-12, rtol=0)
+    torch.testing.assert_close(out, torch.einsum("bhts,bhsd->bhtd", expected_weights, v), atol=1e-12, rtol=0)
+
+
+def test_causal_mask_is_lower_right_aligned():
+    mask = causal_mask(2, 5)  # two newest queries after three cached positions
+    assert mask.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+    assert attention_mask(None, True, 1, 4, torch.device("cpu")) is None
+    with pytest.raises(ValueError):
+        causal_mask(3, 2)
+
+
+def test_incremental_self_attention_equals_full():
+    from transformer.model import AttentionCache
+
+    ours, _ = pair()
+    x = torch.randn(2, 7, D, dtype=torch.float64)
+    full, _ = ours(x, causal=True)
+    cache = AttentionCache()
+    chunks = [ours(x[:, :3], causal=True, cache=cache)[0]]  # several queries at once, then one at a time
+    for t in range(3, 7):
+        chunks.append(ours(x[:, t : t + 1], causal=True, cache=cache)[0])
+    torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-10, rtol=0)
+    # Two new queries on top of a cache: lower-right causal alignment must hold.
+    cache = AttentionCache()
+    ours(x[:, :4], causal=True, cache=cache)
+    torch.testing.assert_close(ours(x[:, 4:6], causal=True, cache=cache)[0], full[:, 4:6], atol=1e-10, rtol=0)
+
+
+def test_gradcheck():
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(8, 2).double()
+    q = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
+    mask = padding(2, 4)
+    assert torch.autograd.gradcheck(lambda a, b: mha(a, b, key_padding_mask=mask)[0], (q, m))
+    assert torch.autograd.gradcheck(lambda a: mha(a, causal=True)[0], (q,))
+
+
+def test_rejects_indivisible_heads():
+    with pytest.raises(ValueError, match="divisible"):
+        MultiHeadAttention(10, 3)

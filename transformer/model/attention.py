@@ -1,0 +1,125 @@
+"""Scaled dot-product attention and multi-head attention (paper sections 3.2.1 and 3.2.2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .cache import AttentionCache
+from .masks import attention_mask
+
+
+def scaled_dot_product_attention(
+    query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None = None, dropout: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """softmax(Q K^T / sqrt(d_k)) V, written out so that the attention weights can be returned.
+
+    `MultiHeadAttention` uses PyTorch's fused kernel unless weights are requested; this function is
+    the readable definition and the path for visualisation.
+
+    Args:
+        query: (B, H, T, d_k).
+        key: (B, H, S, d_k).
+        value: (B, H, S, d_v).
+        mask: bool, broadcastable to (B, H, T, S), True where attention is allowed; or None.
+        dropout: dropout probability applied to the attention weights.
+
+    Returns:
+        output (B, H, T, d_v) and weights (B, H, T, S).
+    """
+    scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(dim=-1)
+    return F.dropout(weights, dropout, training=dropout > 0) @ value, weights
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: h parallel scaled dot-product attentions over learned projections.
+
+    One (3D, D) input projection holds W^Q, W^K and W^V stacked (the layout of
+    `torch.nn.MultiheadAttention`): self-attention applies it in a single matrix multiplication;
+    cross-attention applies the W^Q rows to the queries and the W^K, W^V rows to the memory.
+
+    Args:
+        d_model: model width D.
+        n_heads: number of heads H; d_k = d_v = D / H.
+        dropout: dropout on the attention weights.
+        bias: whether the projections have biases.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        self.d_model, self.n_heads, self.d_k = d_model, n_heads, d_model // n_heads
+        self.dropout = dropout
+        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        nn.init.xavier_uniform_(self.in_proj.weight)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        if bias:
+            nn.init.zeros_(self.in_proj.bias)
+            nn.init.zeros_(self.out_proj.bias)
+
+    def _split_heads(self, x: Tensor, n: int) -> Tensor:
+        """(B, L, n*D) -> n tensors stacked as (n, B, H, L, d_k)."""
+        B, L, _ = x.shape
+        return x.view(B, L, n, self.n_heads, self.d_k).permute(2, 0, 3, 1, 4)
+
+    def forward(
+        self,
+        query: Tensor,
+        memory: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        causal: bool = False,
+        cache: AttentionCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attend from `query` to itself (self-attention) or to `memory` (cross-attention).
+
+        Args:
+            query: (B, T, D).
+            memory: (B, S, D) for cross-attention; None for self-attention.
+            key_padding_mask: (B, S) bool, True marks keys to ignore (padding). For self-attention
+                with a cache, S counts the cached positions too.
+            causal: each query sees only keys up to its own position (self-attention in a decoder).
+                With a cache the T queries are the newest positions (lower-right alignment).
+            cache: incremental decoding state. Self-attention appends this call's keys and values
+                and attends over all of them; cross-attention projects `memory` on the first call,
+                stores it, and reuses it on later calls.
+            need_weights: also return the attention weights (slower path).
+
+        Returns:
+            output (B, T, D) and, if `need_weights`, weights (B, H, T, S), else None.
+        """
+        B, T, D = query.shape
+        w, b = self.in_proj.weight, self.in_proj.bias
+        if memory is None:
+            q, k, v = self._split_heads(F.linear(query, w, b), 3)
+            if cache is not None:
+                k, v = cache.append(k, v)
+        else:
+            q = self._split_heads(F.linear(query, w[:D], None if b is None else b[:D]), 1)[0]
+            if cache is not None and cache.key is not None:
+                k, v = cache.key, cache.value
+            else:
+                k, v = self._split_heads(F.linear(memory, w[D:], None if b is None else b[D:]), 2)
+                if cache is not None:
+                    cache.key, cache.value = k, v
+        dropout = self.dropout if self.training else 0.0
+        S = k.size(2)
+        if need_weights:
+            mask = attention_mask(key_padding_mask, causal, T, S, query.device)
+            out, weights = scaled_dot_product_attention(q, k, v, mask, dropout)
+        elif causal and key_padding_mask is None and T == S:
+            # Queries and keys are the same positions: the fused kernel's causal flag is exact here.
+            out, weights = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True), None
+        else:
+            mask = attention_mask(key_padding_mask, causal, T, S, query.device)
+            out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
+        out = out.transpose(1, 2).reshape(B, T, D)  # (B, H, T, d_k) -> (B, T, D)
+        return self.out_proj(out), weights
