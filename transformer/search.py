@@ -1,0 +1,268 @@
+"""Greedy and beam search over `Transformer.decode` with the key/value cache (paper section 6.1).
+
+Both searches decode a whole padded batch at once, run the encoder once, feed only the newest
+token per step through the cache, and drop sentences from the batch as soon as they are finished
+so that they stop costing work. `use_cache=False` recomputes the whole prefix at every step instead;
+it gives the same outputs and exists for tests and benchmarks.
+
+Conventions shared by both searches:
+
+* The maximum output length of a sentence is L = floor(max_len_a * S + max_len_b) tokens before
+  EOS, S being its non-pad source length (capped so that decoder positions stay within a learned
+  positional table). After L tokens, EOS is forced: every other token is masked out, so the EOS is
+  scored with its true log-probability and a hypothesis always ends with EOS.
+* Padding and BOS are never generated: their log-probabilities are set to -inf (the others are not
+  renormalised, so scores stay true model log-probabilities).
+* Log-probabilities are computed in float32, or in the model's precision when that is higher.
+* The model should be in eval mode; the searches run under `torch.inference_mode()`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from transformer.model import LearnedPositionalEmbedding, Transformer
+
+
+@dataclass
+class Hypothesis:
+    """One finished beam-search output.
+
+    Attributes:
+        tokens: target ids without BOS and EOS.
+        score: length-normalised log-probability, sum(log p) / lp(|Y|) (see `length_penalty`).
+    """
+
+    tokens: list[int]
+    score: float
+
+
+def length_penalty_factor(length: Tensor | float, alpha: float) -> Tensor | float:
+    """GNMT's length penalty lp(Y) = ((5 + |Y|) / 6)^alpha (Wu et al. 2016, equation 14).
+
+    A hypothesis Y scores sum_i log p(y_i | y_<i, x) / lp(Y); |Y| counts the final EOS. alpha = 0
+    gives raw log-probabilities; larger alpha favours longer outputs.
+
+    Args:
+        length: |Y|, a number or a tensor of lengths.
+        alpha: the exponent (`DecodeConfig.length_penalty`), >= 0.
+
+    Returns:
+        lp(Y), of the same kind as `length`.
+    """
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def position_limit(model: Transformer) -> int | None:
+    """Number of positions the model can embed: the learned table's size, or None if unbounded."""
+    positions = getattr(model, "positions", None)
+    return positions.embedding.num_embeddings if isinstance(positions, LearnedPositionalEmbedding) else None
+
+
+def _max_output_lengths(model: Transformer, src_mask: Tensor, max_len_a: float, max_len_b: int) -> Tensor:
+    """Per-sentence maximum number of tokens before EOS: floor(a * S + b), S the non-pad length.
+
+    The decoder embeds positions 0 .. L (BOS, then L tokens), so L is capped at the positional
+    table's size minus one for models with learned positions.
+
+    Returns:
+        (B,) LongTensor.
+    """
+    src_lengths = (~src_mask).sum(dim=1).double()
+    lengths = torch.floor(max_len_a * src_lengths + max_len_b).long()
+    limit = position_limit(model)
+    return lengths if limit is None else lengths.clamp(max=limit - 1)
+
+
+def _check_lengths(max_len_a: float, max_len_b: int) -> None:
+    """Reject negative length settings, which would make every output empty or undefined."""
+    if max_len_a < 0 or max_len_b < 0:
+        raise ValueError(f"max_len_a and max_len_b must be >= 0, got {max_len_a} and {max_len_b}")
+
+
+def _next_log_probs(
+    model: Transformer, prefix: Tensor, memory: Tensor, src_mask: Tensor, cache, forced_eos: Tensor,
+    bos_id: int, eos_id: int,
+) -> Tensor:
+    """Log-probabilities of the next token after each prefix, with the search's token constraints.
+
+    Args:
+        prefix: (R, t) every row's tokens so far, BOS first.
+        memory: (R, S, D) encoder output per row.
+        src_mask: (R, S) True at source padding.
+        cache: a `DecoderCache` holding positions 0 .. t-2 (only the last token is fed), or None to
+            decode the whole prefix.
+        forced_eos: (R,) bool, rows at their maximum length, for which only EOS is allowed.
+
+    Returns:
+        (R, V) log-probabilities, float32 or the model's dtype if wider; -inf at padding and BOS
+        everywhere and at every token but EOS in `forced_eos` rows.
+    """
+    tokens = prefix if cache is None else prefix[:, -1:]
+    logits = model.decode(tokens, memory, src_mask, cache)[:, -1]  # (R, V)
+    log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1)
+    log_probs[:, [model.pad_id, bos_id]] = -math.inf
+    if forced_eos.any():
+        only_eos = torch.full_like(log_probs[0], -math.inf)
+        only_eos[eos_id] = 0.0
+        log_probs = torch.where(forced_eos.unsqueeze(1), log_probs + only_eos, log_probs)
+    return log_probs
+
+
+@torch.inference_mode()
+def greedy_search(
+    model: Transformer, src: Tensor, max_len_a: float = 1.0, max_len_b: int = 50, bos_id: int = 2,
+    eos_id: int = 3, use_cache: bool = True,
+) -> list[list[int]]:
+    """Pick the most probable next token at every step until EOS or the maximum length.
+
+    Args:
+        model: the translation model, in eval mode.
+        src: (B, S) source ids, right-padded with `model.pad_id`.
+        max_len_a, max_len_b: maximum output length floor(a * S + b) tokens before EOS, S being each
+            sentence's non-pad length.
+        bos_id, eos_id: begin- and end-of-sentence ids.
+        use_cache: feed one token per step through the key/value cache (False: recompute the prefix).
+
+    Returns:
+        B lists of target ids, without BOS and EOS.
+    """
+    _check_lengths(max_len_a, max_len_b)
+    memory, src_mask = model.encode(src), model.padding_mask(src)
+    max_lengths = _max_output_lengths(model, src_mask, max_len_a, max_len_b)
+    sentences = list(range(src.size(0)))  # original index of each active row
+    prefix = torch.full((src.size(0), 1), bos_id, dtype=torch.long, device=src.device)
+    cache = model.new_cache() if use_cache else None
+    outputs: list[list[int]] = [[] for _ in range(src.size(0))]
+    step = 0
+    while sentences:
+        log_probs = _next_log_probs(model, prefix, memory, src_mask, cache, max_lengths == step, bos_id, eos_id)
+        prefix = torch.cat([prefix, log_probs.argmax(dim=-1, keepdim=True)], dim=1)
+        finished = prefix[:, -1] == eos_id
+        if finished.any():
+            for i, row in zip(finished.nonzero().squeeze(1).tolist(), prefix[finished, 1:-1].tolist()):
+                outputs[sentences[i]] = row
+            keep = (~finished).nonzero().squeeze(1)
+            sentences = [sentences[i] for i in keep.tolist()]
+            prefix, max_lengths = prefix[keep], max_lengths[keep]
+            memory, src_mask = memory.index_select(0, keep), src_mask.index_select(0, keep)
+            if cache is not None:
+                cache.select(keep)
+        step += 1
+    return outputs
+
+
+@torch.inference_mode()
+def beam_search(
+    model: Transformer, src: Tensor, beam_size: int = 4, length_penalty: float = 0.6, max_len_a: float = 1.0,
+    max_len_b: int = 50, n_best: int = 1, bos_id: int = 2, eos_id: int = 3, use_cache: bool = True,
+) -> list[list[Hypothesis]]:
+    """Batched beam search with GNMT length normalisation.
+
+    Each sentence keeps K = `beam_size` active hypotheses in K rows of the batch. At every step the
+    K * V one-token extensions of a sentence are ranked by their summed log-probability (all have
+    the same length, so this is also the order of their normalised scores) and the best 2K are
+    taken. An EOS extension ranked among the first K is finished, scored sum(log p) / lp(|Y|) with
+    lp(Y) = ((5 + |Y|) / 6)^alpha and |Y| counting the EOS; the best K non-EOS extensions become the
+    next beam. (So beam_size=1 is exactly greedy search.)
+
+    A sentence stops as soon as one of these holds:
+
+    1. K hypotheses have finished (the usual rule: the beam is used up);
+    2. its maximum length L was reached: EOS was forced, which finishes every active hypothesis;
+    3. no active hypothesis can still enter the n-best list. A hypothesis with summed log-prob
+       s <= 0 ends with a sum s' <= s and a length |Y| <= L + 1, and lp grows with length for
+       alpha >= 0, so its final score is at most s / lp(L + 1). When that bound for the best active
+       hypothesis is no higher than the n_best-th finished score, continuing cannot change the
+       result, so this rule only saves work.
+
+    Args:
+        model: the translation model, in eval mode.
+        src: (B, S) source ids, right-padded with `model.pad_id`.
+        beam_size: hypotheses kept per sentence, K >= 1.
+        length_penalty: alpha >= 0 of the length penalty (0.6 in the paper).
+        max_len_a, max_len_b: maximum output length floor(a * S + b) tokens before EOS, S being each
+            sentence's non-pad length.
+        n_best: hypotheses returned per sentence, 1 <= n_best <= beam_size.
+        bos_id, eos_id: begin- and end-of-sentence ids.
+        use_cache: feed one token per step through the key/value cache (False: recompute the prefix).
+
+    Returns:
+        B lists of hypotheses sorted best first: n_best of them, or fewer if the search finished
+        fewer (possible only when a short maximum length leaves fewer possible outputs).
+    """
+    if beam_size < 1 or not 1 <= n_best <= beam_size:
+        raise ValueError(f"need beam_size >= 1 and 1 <= n_best <= beam_size, got {beam_size} and {n_best}")
+    if length_penalty < 0:
+        raise ValueError(f"length_penalty must be >= 0, got {length_penalty}")
+    _check_lengths(max_len_a, max_len_b)
+    K, device = beam_size, src.device
+    memory, src_mask = model.encode(src), model.padding_mask(src)
+    max_lengths = _max_output_lengths(model, src_mask, max_len_a, max_len_b)
+    # K rows per sentence: (N, ...) -> (N * K, ...), the K rows of a sentence adjacent.
+    memory, src_mask = memory.repeat_interleave(K, dim=0), src_mask.repeat_interleave(K, dim=0)
+    sentences = list(range(src.size(0)))  # original index of each active sentence
+    prefix = torch.full((src.size(0) * K, 1), bos_id, dtype=torch.long, device=device)
+    dtype = torch.promote_types(memory.dtype, torch.float32)  # that of the log-probs
+    # Summed log-probs (N, K). All K rows start as the same BOS prefix; only the first may extend
+    # it, or the beam would fill with copies of one hypothesis.
+    scores = torch.full((src.size(0), K), -math.inf, dtype=dtype, device=device)
+    scores[:, 0] = 0.0
+    n_finished = torch.zeros(src.size(0), dtype=torch.long, device=device)
+    # The n_best-th best finished score per active sentence (-inf while fewer have finished).
+    threshold = torch.full((src.size(0),), -math.inf, dtype=dtype, device=device)
+    cache = model.new_cache() if use_cache else None
+    finished: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
+    step = 0
+    while sentences:
+        N = len(sentences)
+        forced_eos = (max_lengths == step).repeat_interleave(K)
+        log_probs = _next_log_probs(model, prefix, memory, src_mask, cache, forced_eos, bos_id, eos_id)
+        V = log_probs.size(-1)
+        candidates = (scores.view(N * K, 1) + log_probs).view(N, K * V)
+        top_scores, top_index = candidates.topk(2 * K, dim=1)  # (N, 2K), best first
+        beams, tokens = top_index // V, top_index % V
+        is_eos = tokens == eos_id
+        rows = torch.arange(N, device=device).unsqueeze(1) * K + beams  # (N, 2K) rows in the batch
+
+        new_finished = is_eos & torch.isfinite(top_scores)
+        new_finished[:, K:] = False
+        if new_finished.any():
+            n_finished += new_finished.sum(dim=1)
+            normalised = top_scores / length_penalty_factor(step + 1, length_penalty)
+            n, j = new_finished.nonzero(as_tuple=True)
+            for i, row, score in zip(n.tolist(), prefix[rows[n, j], 1:].tolist(), normalised[n, j].tolist()):
+                finished[sentences[i]].append(Hypothesis(row, score))
+            for i in set(n.tolist()):
+                ranked = sorted(finished[sentences[i]], key=lambda h: -h.score)
+                if len(ranked) >= n_best:
+                    threshold[i] = ranked[n_best - 1].score
+
+        # The K best non-EOS extensions, in rank order (a stable sort moves EOS behind them; at most
+        # K of the 2K are EOS, one per beam).
+        keep = is_eos.to(torch.uint8).argsort(dim=1, stable=True)[:, :K]
+        scores = top_scores.gather(1, keep)
+        beam_rows = rows.gather(1, keep).view(-1)
+        prefix = torch.cat([prefix[beam_rows], tokens.gather(1, keep).view(-1, 1)], dim=1)
+        if cache is not None:
+            cache.reorder_beams(beam_rows)
+
+        bound = scores[:, 0] / length_penalty_factor(max_lengths + 1, length_penalty)
+        done = (n_finished >= K) | (max_lengths == step) | (bound <= threshold)
+        if done.any():
+            active = (~done).nonzero().squeeze(1)
+            active_rows = (active.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)
+            sentences = [sentences[i] for i in active.tolist()]
+            max_lengths, scores = max_lengths[active], scores[active]
+            threshold, n_finished = threshold[active], n_finished[active]
+            prefix = prefix[active_rows]
+            memory, src_mask = memory.index_select(0, active_rows), src_mask.index_select(0, active_rows)
+            if cache is not None:
+                cache.select(active_rows)
+        step += 1
+    return [sorted(hypotheses, key=lambda h: -h.score)[:n_best] for hypotheses in finished]
+
