@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from transformer.model import LearnedPositionalEmbedding, Transformer
+from transformer.model import DecoderCache, LearnedPositionalEmbedding, Transformer
 
 
 @dataclass
@@ -85,8 +85,8 @@ def _check_lengths(max_len_a: float, max_len_b: int) -> None:
 
 
 def _next_log_probs(
-    model: Transformer, prefix: Tensor, memory: Tensor, src_mask: Tensor, cache, forced_eos: Tensor,
-    bos_id: int, eos_id: int,
+    model: Transformer, prefix: Tensor, memory: Tensor, src_mask: Tensor, cache: DecoderCache | None,
+    forced_eos: Tensor, bos_id: int, eos_id: int,
 ) -> Tensor:
     """Log-probabilities of the next token after each prefix, with the search's token constraints.
 
@@ -106,11 +106,8 @@ def _next_log_probs(
     logits = model.decode(tokens, memory, src_mask, cache)[:, -1]  # (R, V)
     log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1)
     log_probs[:, [model.pad_id, bos_id]] = -math.inf
-    if forced_eos.any():
-        only_eos = torch.full_like(log_probs[0], -math.inf)
-        only_eos[eos_id] = 0.0
-        log_probs = torch.where(forced_eos.unsqueeze(1), log_probs + only_eos, log_probs)
-    return log_probs
+    not_eos = torch.arange(log_probs.size(-1), device=log_probs.device) != eos_id
+    return log_probs.masked_fill(forced_eos.unsqueeze(1) & not_eos, -math.inf)
 
 
 @torch.inference_mode()

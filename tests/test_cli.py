@@ -1,0 +1,201 @@
+"""The command-line tools on tiny checkpoints: evaluate, translate, average, attention plots."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformer import attention_plot, average, evaluate, translate
+from transformer.checkpoint import load_checkpoint, load_model, save_checkpoint, tokenizer_state
+from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, config_to_dict
+from transformer.model import Transformer
+from transformer.tokenizer import PAD_ID, train_tokenizer
+from transformer.translator import translate as translate_texts
+
+WORDS_DE = "ein mann eine frau kind hund spielt läuft im park auf der straße mit einem ball schnell".split()
+WORDS_EN = "a man woman child dog plays runs in the park on street with ball quickly".split()
+
+
+def sentences(words: list[str], n: int, seed: int) -> list[str]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 9, (n,), generator=generator).tolist()
+    return [" ".join(words[i] for i in torch.randint(len(words), (k,), generator=generator).tolist()) for k in lengths]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared machine: one intra-op thread is many times faster than several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A run folder with test/valid data, two checkpoints of a tiny untrained model, and a run layout."""
+    root = tmp_path_factory.mktemp("run")
+    data = root / "data"
+    data.mkdir()
+    for split, seed, n in (("train", 0, 200), ("valid", 1, 6), ("test", 2, 8)):
+        (data / f"{split}.de").write_text("\n".join(sentences(WORDS_DE, n, seed)) + "\n", encoding="utf-8")
+        (data / f"{split}.en").write_text("\n".join(sentences(WORDS_EN, n, seed + 10)) + "\n", encoding="utf-8")
+    train_texts = (data / "train.de").read_text().split("\n") + (data / "train.en").read_text().split("\n")
+    tokenizer = train_tokenizer(train_texts, TokenizerConfig(vocab_size=100), root / "spm")
+    cfg = Config(
+        model=ModelConfig(d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=2, dropout=0.0,
+                          max_len=24),
+        data=DataConfig(local_dir=str(data), valid_split="valid", test_split="test"),
+        decode=DecodeConfig(beam_size=2, max_len_a=1.0, max_len_b=4),
+    )
+    for step in (1, 2, 10):
+        torch.manual_seed(step)
+        model = Transformer.from_config(cfg.model, tokenizer.vocab_size, tokenizer.vocab_size, PAD_ID)
+        state = {"config": config_to_dict(cfg), "model": model.state_dict(),
+                 "tokenizers": tokenizer_state(tokenizer, tokenizer), "step": step}
+        save_checkpoint(state, root / "checkpoints" / f"step_{step}.pt")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_files(run) -> dict[str, Path]:
+    """A missing file, a checkpoint cut in half, and a text file posing as a checkpoint."""
+    good = (run / "checkpoints" / "step_1.pt").read_bytes()
+    (run / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (run / "text.pt").write_text("not a checkpoint\n")
+    return {"missing": run / "missing.pt", "truncated": run / "truncated.pt", "text": run / "text.pt"}
+
+
+def one_line_error(exit: pytest.ExceptionInfo, *fragments: str) -> str:
+    message = exit.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
+    assert all(f in message for f in fragments), message
+    return message
+
+
+def test_evaluate_reports_scores_and_writes_hypotheses(run, capsys):
+    ckpt = run / "checkpoints" / "step_1.pt"
+    evaluate.main(["--checkpoint", str(ckpt), "--json", "--device", "cpu"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_sentences"] == 8 and result["beam"] == 2
+    assert 0.0 <= result["bleu"] <= 100.0 and 0.0 <= result["chrf"] <= 100.0
+    assert "tok:13a" in result["signatures"]["bleu"] and "nrefs:1" in result["signatures"]["chrf"]
+    assert result["seconds"] > 0 and result["sentences_per_second"] > 0
+    hypotheses = (run / "checkpoints" / "hyp.test.txt").read_text(encoding="utf-8").split("\n")
+    assert len(hypotheses) == 8 + 1 and hypotheses[-1] == ""
+
+    # Files instead of a split, greedy, two checkpoints averaged, plain-text report.
+    output = run / "hyp.custom.txt"
+    evaluate.main(["--checkpoint", str(ckpt), str(run / "checkpoints" / "step_2.pt"), "--src",
+                   str(run / "data" / "valid.de"), "--ref", str(run / "data" / "valid.en"), "--beam", "1",
+                   "--output", str(output), "--tokenize", "intl", "--lowercase", "--device", "cpu"])
+    report = capsys.readouterr().out
+    assert report.startswith("BLEU = ") and "tok:intl" in report and "case:lc" in report and "chrF2" in report
+    assert len(output.read_text(encoding="utf-8").splitlines()) == 6
+
+
+def test_evaluate_rejects_misaligned_references(run, tmp_path):
+    short = tmp_path / "short.en"
+    short.write_text("one line\n")
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--checkpoint", str(run / "checkpoints" / "step_1.pt"), "--src",
+                       str(run / "data" / "valid.de"), "--ref", str(short), "--device", "cpu"])
+    one_line_error(exit, "6 source sentences but 1 references")
+
+
+@pytest.mark.parametrize("kind", ["missing", "truncated", "text"])
+@pytest.mark.parametrize("tool", ["evaluate", "translate", "attention", "average"])
+def test_bad_checkpoint_is_a_one_line_error(tool, kind, bad_files, run, tmp_path):
+    path = str(bad_files[kind])
+    argv = {
+        "evaluate": (evaluate.main, ["--checkpoint", path, "--device", "cpu"]),
+        "translate": (translate.main, ["--checkpoint", path, "--input", str(run / "data" / "test.de")]),
+        "attention": (attention_plot.main, ["--checkpoint", path, "--sentence", "ein hund",
+                                            "--output", str(tmp_path / "a.png")]),
+        "average": (average.main, ["--inputs", str(run / "checkpoints" / "step_1.pt"), path,
+                                   "--output", str(tmp_path / "avg.pt")]),
+    }
+    main, args = argv[tool]
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    one_line_error(exit, path)
+
+
+def test_translate_keeps_order_and_empty_lines_and_truncates(run, tmp_path, capsysbinary, caplog):
+    long_line = " ".join(["hund"] * 40)  # more tokens than the model's 24 positions
+    lines = ["ein mann spielt", "", "eine frau läuft im park", "   ", "kind", long_line, "der hund"]
+    path = tmp_path / "input.de"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        translate.main(["--checkpoint", str(run / "checkpoints" / "step_1.pt"), "--input", str(path),
+                        "--device", "cpu"])
+    outputs = capsysbinary.readouterr().out.decode("utf-8").split("\n")
+    assert len(outputs) == len(lines) + 1 and outputs[-1] == ""
+    loaded = load_model([run / "checkpoints" / "step_1.pt"])
+    for line, output in zip(lines, outputs):
+        alone = translate_texts(loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, [line], beam_size=2,
+                                max_len_a=1.0, max_len_b=4, max_src_len=24)[0]
+        assert output == alone
+        assert (output == "") == (line.strip() == "")
+    assert any("line 6" in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
+
+
+def test_translate_rejects_invalid_utf8_with_its_line(run, tmp_path):
+    path = tmp_path / "bad.de"
+    path.write_bytes(b"ein hund\nein \xff mann\n")
+    with pytest.raises(SystemExit) as exit:
+        translate.main(["--checkpoint", str(run / "checkpoints" / "step_1.pt"), "--input", str(path),
+                        "--device", "cpu"])
+    one_line_error(exit, f"{path}:2", "UTF-8")
+
+
+def test_translate_streams_stdin_and_fails_cleanly_as_a_process(run, bad_files):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "transformer.translate", "--checkpoint"]
+    good = subprocess.run(command + [str(run / "checkpoints" / "step_2.pt"), "--device", "cpu", "--beam", "1"],
+                          input="ein hund\n\neine frau\n".encode(), capture_output=True, env=env, timeout=120)
+    assert good.returncode == 0, good.stderr.decode()
+    loaded = load_model([run / "checkpoints" / "step_2.pt"])
+    expected = translate_texts(loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, ["ein hund", "eine frau"],
+                               beam_size=1, max_len_a=1.0, max_len_b=4)
+    assert good.stdout.decode("utf-8").split("\n") == [expected[0], "", expected[1], ""]
+    bad = subprocess.run(command + [str(bad_files["truncated"])], capture_output=True, env=env, timeout=120)
+    stderr = bad.stderr.decode()
+    assert bad.returncode != 0 and "Traceback" not in stderr
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1
+
+
+def test_average_is_the_mean_of_the_tensors(run, tmp_path):
+    a, b = run / "checkpoints" / "step_1.pt", run / "checkpoints" / "step_2.pt"
+    average.main(["--inputs", str(a), str(b), "--output", str(tmp_path / "avg.pt")])
+    averaged = load_checkpoint(tmp_path / "avg.pt")["model"]
+    first, second = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    assert averaged.keys() == first.keys()
+    for name, tensor in averaged.items():
+        torch.testing.assert_close(tensor, (first[name] + second[name]) / 2, rtol=0, atol=1e-7)
+    assert not torch.equal(first["src_embed.weight"], second["src_embed.weight"])
+
+    # The last N step checkpoints of a run, in step order (step_10 after step_2).
+    average.main(["--run-dir", str(run), "--last", "2", "--output", str(tmp_path / "last2.pt")])
+    last2 = load_checkpoint(tmp_path / "last2.pt")["model"]
+    tenth = load_checkpoint(run / "checkpoints" / "step_10.pt")["model"]
+    torch.testing.assert_close(last2["src_embed.weight"], (second["src_embed.weight"] + tenth["src_embed.weight"]) / 2)
+    with pytest.raises(SystemExit) as exit:
+        average.main(["--run-dir", str(run), "--last", "5", "--output", str(tmp_path / "last5.pt")])
+    one_line_error(exit, "fewer than --last 5")
+
+
+def test_attention_plot_writes_an_image(run, tmp_path, capsys):
+    output = tmp_path / "attention.png"
+    attention_plot.main(["--checkpoint", str(run / "checkpoints" / "step_1.pt"), "--sentence",
+                         "ein mann spielt mit einem ball", "--output", str(output), "--device", "cpu"])
+    assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loaded = load_model([run / "checkpoints" / "step_1.pt"])
+    expected = translate_texts(loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer,
+                               ["ein mann spielt mit einem ball"], beam_size=2, max_len_a=1.0, max_len_b=4)
+    assert capsys.readouterr().out == expected[0] + "\n"

@@ -1,0 +1,116 @@
+"""Draw every attention map of one translation: `transformer-attention --checkpoint CKPT --sentence "..."`.
+
+The sentence is translated, then the model is run teacher-forced on (source, BOS + translation)
+and each head's attention weights are drawn as a heatmap: one row of panels per layer of encoder
+self-attention, then decoder self-attention, then encoder-decoder (cross) attention; one column
+per head. Axes are labelled with the SentencePiece pieces; rows of a panel are the attending
+(query) positions, columns the attended (key) positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from transformer.checkpoint import load_model
+from transformer.tokenizer import BOS_ID
+from transformer.translator import resolve_device, source_ids, translate_ids
+
+logger = logging.getLogger(__name__)
+
+KINDS = (("encoder", "encoder self"), ("decoder", "decoder self"), ("cross", "cross"))
+
+
+def plot_attention(
+    maps: dict[str, list[Tensor]], src_pieces: Sequence[str], tgt_pieces: Sequence[str], output: str | Path
+) -> None:
+    """Save a grid of heatmaps of the maps of one sentence pair as an image (PNG, PDF, SVG...).
+
+    One row of panels per layer of each kind (encoder self, decoder self, cross), one column per head.
+
+    Args:
+        maps: from `Transformer.attention_maps` for a batch of one: "encoder" [(1, H, S, S)],
+            "decoder" [(1, H, T, T)], "cross" [(1, H, T, S)], one tensor per layer.
+        src_pieces: the S source pieces.
+        tgt_pieces: the T decoder-input pieces (BOS first).
+        output: image path; its suffix selects the format.
+    """
+    panels = [(kind, title, layer, weights) for kind, title in KINDS for layer, weights in enumerate(maps[kind])]
+    n_heads = panels[0][3].size(1)
+    labels = {"encoder": (src_pieces, src_pieces), "decoder": (tgt_pieces, tgt_pieces),
+              "cross": (tgt_pieces, src_pieces)}
+    longest = max(len(src_pieces), len(tgt_pieces))
+    size = max(2.5, 0.18 * longest)  # inches per panel; room for one tick label per piece
+    fontsize = max(4.0, min(9.0, 200.0 / longest))
+    figure = Figure(figsize=(size * n_heads, size * len(panels)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(panels), n_heads, squeeze=False)
+    for row, (kind, title, layer, weights) in enumerate(panels):
+        queries, keys = labels[kind]
+        for head in range(n_heads):
+            ax = axes[row, head]
+            ax.imshow(weights[0, head].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_title(f"{title}, layer {layer + 1}, head {head + 1}", fontsize=fontsize + 1)
+            ax.set_xticks(range(len(keys)), keys, rotation=90, fontsize=fontsize)
+            ax.set_yticks(range(len(queries)), queries, fontsize=fontsize)
+    figure.savefig(output, dpi=100)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transformer-attention", description="Translate a sentence and draw all its attention maps."
+    )
+    parser.add_argument("--checkpoint", action="extend", nargs="+", required=True, metavar="CKPT",
+                        help="checkpoint file; several are averaged")
+    parser.add_argument("--sentence", required=True, help="source sentence")
+    parser.add_argument("--output", type=Path, default=Path("attention.png"),
+                        help="image file; its suffix picks the format (default: attention.png)")
+    parser.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's)")
+    parser.add_argument("--alpha", type=float, help="length penalty alpha (default: the checkpoint's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point of `transformer-attention`."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.beam is not None and args.beam < 1:
+        parser.error("--beam must be >= 1")
+    if args.alpha is not None and args.alpha < 0:
+        parser.error("--alpha must be >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        loaded = load_model(args.checkpoint, device)
+        source = source_ids(loaded.src_tokenizer, [args.sentence], loaded.config.model.max_len)[0]
+        if not source:
+            raise ValueError("--sentence is empty")
+        decode = loaded.config.decode
+        beam = decode.beam_size if args.beam is None else args.beam
+        alpha = decode.length_penalty if args.alpha is None else args.alpha
+        output_ids = translate_ids(loaded.model, [source], beam, alpha, decode.max_len_a, decode.max_len_b,
+                                   device=device)[0]
+        target = [BOS_ID] + output_ids
+        maps = loaded.model.attention_maps(torch.tensor([source], device=device), torch.tensor([target], device=device))
+        plot_attention(maps, [loaded.src_tokenizer.id_to_piece(i) for i in source],
+                       [loaded.tgt_tokenizer.id_to_piece(i) for i in target], args.output)
+    except (ValueError, OSError) as e:  # CheckpointError is a ValueError; so is an unknown image format
+        sys.exit(f"error: {e}")
+    print(loaded.tgt_tokenizer.decode(output_ids))
+    logger.info("wrote %s", args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Score a checkpoint with sacreBLEU: `transformer-evaluate --checkpoint CKPT [--split test]`.
+
+Several `--checkpoint`s are averaged parameter by parameter first (as the paper does with its last
+5 or 20). The source side of a split from the checkpoint's data config (or of `--src`) is
+translated, the detokenized hypotheses are written to a file, and BLEU and chrF are computed
+against the references with sacreBLEU, whose signatures make the scores reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from sacrebleu.metrics import BLEU, CHRF
+
+from transformer.checkpoint import CheckpointError, load_model
+from transformer.data import DataError, _read_lines, load_split
+from transformer.translator import resolve_device, translate
+
+if TYPE_CHECKING:
+    from transformer.checkpoint import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+# sacreBLEU tokenizers that need no extra packages or downloads.
+TOKENIZERS = ("13a", "intl", "none", "zh", "char")
+
+
+def evaluate(
+    loaded: LoadedModel, src_texts: Sequence[str], ref_texts: Sequence[str], beam_size: int = 4,
+    length_penalty: float = 0.6, max_len_a: float = 1.0, max_len_b: int = 50, batch_tokens: int = 8000,
+    tokenize: str = "13a", lowercase: bool = False, device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Translate `src_texts` and score the translations against `ref_texts`.
+
+    Args:
+        loaded: model and tokenizers, e.g. from `transformer.checkpoint.load_model` (only its
+            `model`, `src_tokenizer`, `tgt_tokenizer` and `config.model.max_len` are used).
+        src_texts: source sentences.
+        ref_texts: one reference translation per source sentence.
+        beam_size, length_penalty, max_len_a, max_len_b, batch_tokens, device: see
+            `transformer.translator.translate`.
+        tokenize: sacreBLEU tokenizer for BLEU (one of `TOKENIZERS`).
+        lowercase: case-insensitive scores.
+
+    Returns:
+        {"bleu", "chrf": corpus scores; "signatures": {"bleu", "chrf"}: sacreBLEU signatures;
+        "bleu_details": sacreBLEU's BLEU line (n-gram precisions, brevity penalty); "n_sentences";
+        "beam"; "seconds": translation time; "sentences_per_second"; "hypotheses": the translations}.
+
+    Raises:
+        DataError: if sources and references differ in number.
+    """
+    if len(src_texts) != len(ref_texts):
+        raise DataError(f"{len(src_texts)} source sentences but {len(ref_texts)} references")
+    start = time.perf_counter()
+    hypotheses = translate(
+        loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, src_texts, beam_size, length_penalty,
+        max_len_a, max_len_b, batch_tokens, device, max_src_len=loaded.config.model.max_len,
+    )
+    seconds = time.perf_counter() - start
+    bleu, chrf = BLEU(tokenize=tokenize, lowercase=lowercase), CHRF(lowercase=lowercase)
+    bleu_score = bleu.corpus_score(hypotheses, [list(ref_texts)])
+    chrf_score = chrf.corpus_score(hypotheses, [list(ref_texts)])
+    return {
+        "bleu": bleu_score.score,
+        "chrf": chrf_score.score,
+        "signatures": {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())},
+        "bleu_details": str(bleu_score),
+        "n_sentences": len(src_texts),
+        "beam": beam_size,
+        "seconds": seconds,
+        "sentences_per_second": len(src_texts) / seconds if seconds > 0 else 0.0,
+        "hypotheses": hypotheses,
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transformer-evaluate", description="Translate a test set and report sacreBLEU BLEU and chrF."
+    )
+    parser.add_argument("--checkpoint", action="extend", nargs="+", required=True, metavar="CKPT",
+                        help="checkpoint file; several are averaged")
+    parser.add_argument("--split", choices=("test", "valid"), default="test",
+                        help="split of the checkpoint's data config (default: test)")
+    parser.add_argument("--src", type=Path, help="source file, one sentence per line (instead of --split)")
+    parser.add_argument("--ref", type=Path, help="reference file aligned with --src")
+    parser.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's)")
+    parser.add_argument("--alpha", type=float, help="length penalty alpha (default: the checkpoint's)")
+    parser.add_argument("--batch-tokens", type=int, help="source tokens per batch (default: the checkpoint's)")
+    parser.add_argument("--output", type=Path,
+                        help="hypothesis file (default: hyp.SPLIT.txt next to the last checkpoint)")
+    parser.add_argument("--tokenize", choices=TOKENIZERS, default="13a", help="sacreBLEU tokenizer for BLEU")
+    parser.add_argument("--lowercase", action="store_true", help="case-insensitive scores")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point of `transformer-evaluate`."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.src is None) != (args.ref is None):
+        parser.error("--src and --ref go together")
+    for name in ("beam", "batch_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.alpha is not None and args.alpha < 0:
+        parser.error("--alpha must be >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        loaded = load_model(args.checkpoint, device)
+        if args.src is not None:
+            src_texts, ref_texts, name = _read_lines(args.src), _read_lines(args.ref), args.src.name
+        else:
+            src_texts, ref_texts = load_split(loaded.config.data, args.split)
+            name = args.split
+        decode = dataclasses.replace(
+            loaded.config.decode,
+            **{k: v for k, v in (("beam_size", args.beam), ("length_penalty", args.alpha),
+                                 ("batch_tokens", args.batch_tokens)) if v is not None},
+        )
+        result = evaluate(loaded, src_texts, ref_texts, decode.beam_size, decode.length_penalty, decode.max_len_a,
+                          decode.max_len_b, decode.batch_tokens, args.tokenize, args.lowercase, device)
+        output = args.output or Path(args.checkpoint[-1]).parent / f"hyp.{name}.txt"
+        output.write_text("".join(h + "\n" for h in result.pop("hypotheses")), encoding="utf-8")
+    except (CheckpointError, DataError, OSError) as e:
+        sys.exit(f"error: {e}")
+    logger.info("wrote %d hypotheses to %s", result["n_sentences"], output)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['bleu_details']}\n  {result['signatures']['bleu']}")
+        print(f"chrF2 = {result['chrf']:.2f}\n  {result['signatures']['chrf']}")
+        print(f"{result['n_sentences']} sentences, beam {result['beam']}, {result['seconds']:.1f} s "
+              f"({result['sentences_per_second']:.1f} sentences/s)")
+
+
+if __name__ == "__main__":
+    main()

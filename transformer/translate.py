@@ -1,0 +1,121 @@
+"""Translate text: `transformer-translate --checkpoint CKPT < input.de > output.en`.
+
+Reads one sentence per line from standard input (or `--input`) and writes one translation per
+line, in input order; an empty line gives an empty line. Piped input is read and translated in
+chunks, so that large files stream; at an interactive terminal every line is translated as soon
+as it is entered. Lines longer than the model's positions are truncated with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import BinaryIO, Iterator, Sequence
+
+from transformer.checkpoint import CheckpointError, load_model
+from transformer.translator import resolve_device, translate
+
+logger = logging.getLogger(__name__)
+
+CHUNK_LINES = 256  # lines translated together when the input is not a terminal
+
+
+class InputError(ValueError):
+    """An input line that cannot be read as text; the message names the file and line."""
+
+
+def read_chunks(stream: BinaryIO, name: str, size: int) -> Iterator[list[str]]:
+    """Yield the lines of `stream` as stripped UTF-8 strings, `size` at a time.
+
+    Lines are split on "\\n" only, as the training data is, so that a stray Unicode line separator
+    inside a sentence cannot shift the output against the input.
+
+    Args:
+        stream: binary input.
+        name: its name for error messages.
+        size: lines per chunk (the last chunk may be shorter).
+
+    Raises:
+        InputError: a line that is not valid UTF-8.
+    """
+    lines = iter(stream)
+    number = 0
+    while chunk := list(itertools.islice(lines, size)):
+        texts = []
+        for raw in chunk:
+            number += 1
+            try:
+                texts.append(raw.decode("utf-8").strip())
+            except UnicodeDecodeError as e:
+                raise InputError(f"{name}:{number}: invalid UTF-8 byte {raw[e.start:e.start + 1]!r}") from None
+        yield texts
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transformer-translate", description="Translate one sentence per line from stdin or a file."
+    )
+    parser.add_argument("--checkpoint", action="extend", nargs="+", required=True, metavar="CKPT",
+                        help="checkpoint file; several are averaged")
+    parser.add_argument("--input", type=Path, help="input file (default: standard input)")
+    parser.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's)")
+    parser.add_argument("--alpha", type=float, help="length penalty alpha (default: the checkpoint's)")
+    parser.add_argument("--batch-tokens", type=int, help="source tokens per batch (default: the checkpoint's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point of `transformer-translate`."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    for name in ("beam", "batch_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.alpha is not None and args.alpha < 0:
+        parser.error("--alpha must be >= 0")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        loaded = load_model(args.checkpoint, device)
+        decode = dataclasses.replace(
+            loaded.config.decode,
+            **{k: v for k, v in (("beam_size", args.beam), ("length_penalty", args.alpha),
+                                 ("batch_tokens", args.batch_tokens)) if v is not None},
+        )
+        if args.input is None:
+            stream, name, interactive = sys.stdin.buffer, "<stdin>", sys.stdin.isatty()
+        else:
+            stream, name, interactive = open(args.input, "rb"), str(args.input), False
+        with stream:
+            first_line = 1
+            for texts in read_chunks(stream, name, 1 if interactive else CHUNK_LINES):
+                outputs = translate(
+                    loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, texts, decode.beam_size,
+                    decode.length_penalty, decode.max_len_a, decode.max_len_b, decode.batch_tokens, device,
+                    max_src_len=loaded.config.model.max_len, first_line=first_line,
+                )
+                sys.stdout.buffer.write("".join(out + "\n" for out in outputs).encode("utf-8"))
+                sys.stdout.buffer.flush()
+                first_line += len(texts)
+    except (CheckpointError, InputError, OSError) as e:
+        if isinstance(e, BrokenPipeError):
+            # The reader went away (e.g. `| head`): stop quietly, and keep Python from failing
+            # again when it flushes stdout at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
