@@ -71,6 +71,15 @@ class Tokenizer:
             )
         return cls(processor, path)
 
+    @classmethod
+    def from_bytes(cls, data: bytes, origin: str | Path) -> Tokenizer:
+        """Rebuild a tokenizer from `to_bytes()` output (e.g. stored in a checkpoint named `origin`)."""
+        return cls(spm.SentencePieceProcessor(model_proto=data), Path(origin))
+
+    def to_bytes(self) -> bytes:
+        """The serialized SentencePiece model, enough to rebuild this tokenizer."""
+        return self.processor.serialized_model_proto()
+
     @property
     def vocab_size(self) -> int:
         """Number of ids, special ones included."""

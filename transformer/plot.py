@@ -1,0 +1,42 @@
+"""A PNG of the training and validation curves from a run's metrics log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The JSON lines of a metrics log, one dict per line."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(metrics_path: str | Path, output: str | Path) -> None:
+    """Plot training loss, validation loss and validation BLEU against the step.
+
+    Args:
+        metrics_path: JSON lines with "step" and any of "loss", "valid_loss", "valid_bleu".
+        output: the PNG to write.
+    """
+    rows = read_metrics(metrics_path)
+    series = {key: [(r["step"], r[key]) for r in rows if key in r] for key in ("loss", "valid_loss", "valid_bleu")}
+    fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("loss", "training loss"), ("valid_loss", "validation loss")):
+        if series[key]:
+            ax_loss.plot(*zip(*series[key]), label=label)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("label-smoothed cross entropy (nats/token)")
+    ax_loss.legend()
+    if series["valid_bleu"]:
+        ax_bleu.plot(*zip(*series["valid_bleu"]), marker="o")
+    ax_bleu.set_xlabel("step")
+    ax_bleu.set_ylabel("validation BLEU")
+    fig.tight_layout()
+    fig.savefig(output, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,419 @@
+"""Train a translation model: `transformer-train --config configs/NAME.yaml [key=value ...] [--resume]`.
+
+The loop follows the paper (section 5): token-count batches, Adam with the warm-up/inverse-sqrt
+schedule, label smoothing, dropout. Around it sit the practical parts: gradient accumulation,
+mixed precision, periodic validation (loss, perplexity, BLEU), atomic checkpoints with everything
+needed to resume exactly, a clean save on SIGINT/SIGTERM, and data parallelism under `torchrun`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import sacrebleu
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .checkpoint import (
+    CheckpointError, checkpoint_tokenizers, load_checkpoint, run_checkpoints, save_averaged, save_checkpoint,
+    tokenizer_state,
+)
+from .config import Config, ConfigError, config_to_dict, load_config, save_config
+from .data import BatchSampler, DataError, ParallelData, collate, encode_pairs, load_split, make_batches
+from .model import Transformer
+from .plot import plot_metrics
+from .schedule import noam_lr
+from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers, load_or_train_tokenizers
+from .translator import translate
+
+log = logging.getLogger("transformer.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss keeps diverging); the message says why."""
+
+
+class TranslationLoss(nn.Module):
+    """Label-smoothed cross entropy of a Transformer on one batch, summed over target tokens.
+
+    Logits are computed only at non-padding target positions: padding costs no output projection,
+    no softmax and no memory for a (B, T, V) tensor.
+    """
+
+    def __init__(self, model: Transformer, label_smoothing: float) -> None:
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> Tensor:
+        """src (B, S), tgt_in (B, T), tgt_out (B, T) -> summed loss (scalar, float32)."""
+        memory = self.model.encode(src)
+        hidden = self.model.decode_hidden(tgt_in, memory, self.model.padding_mask(src))  # (B, T, D)
+        real = tgt_out.ne(PAD_ID)
+        logits = self.model.project(hidden[real])  # (N, V) for the N real target tokens
+        return F.cross_entropy(logits.float(), tgt_out[real], label_smoothing=self.label_smoothing, reduction="sum")
+
+
+@dataclass
+class Position:
+    """Where training stands: the step done, and the next batch to read."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # index of the next batch within this rank's batches of `epoch`
+    elapsed: float = 0.0  # seconds spent training, over all resumptions
+    best_bleu: float = -1.0
+    bad_evals: int = 0  # validations in a row without a better BLEU
+    nonfinite: int = 0  # non-finite steps in a row
+
+
+class StopRequested:
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so the run saves before leaving."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    """"auto" picks CUDA (this rank's GPU) when available, else the CPU."""
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif name == "cuda":
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available")
+    return device
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context for train.precision ("fp32" runs without one)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision='fp16' needs a CUDA device; use 'bf16' on the CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def prepare_data(cfg: Config, run_dir: Path, resume_state: dict | None) -> tuple[Tokenizer, Tokenizer, ParallelData, tuple[list[str], list[str]], ParallelData]:
+    """Load the corpus, get the tokenizers (trained, cached or from the checkpoint) and encode."""
+    train_src, train_tgt = load_split(cfg.data, "train")
+    valid_src, valid_tgt = load_split(cfg.data, "valid")
+    if resume_state is not None:
+        # A resumed run must keep its vocabulary, even if the tokenizer cache was cleared.
+        src_tok, tgt_tok = checkpoint_tokenizers(resume_state, cfg.tokenizer.joint, run_dir)
+    else:
+        src_tok, tgt_tok = load_or_train_tokenizers(cfg.tokenizer, train_src, train_tgt, cfg.data.src_lang, cfg.data.tgt_lang)
+    train = encode_pairs(train_src, train_tgt, src_tok, tgt_tok, cfg.data.max_len)
+    valid = encode_pairs(valid_src, valid_tgt, src_tok, tgt_tok, cfg.data.max_len, drop=False)
+    return src_tok, tgt_tok, train, (valid_src, valid_tgt), valid
+
+
+@torch.no_grad()
+def validate(
+    cfg: Config, model: Transformer, loss_fn: TranslationLoss, valid: ParallelData,
+    valid_text: tuple[list[str], list[str]], src_tok: Tokenizer, tgt_tok: Tokenizer, device: torch.device,
+) -> dict[str, float]:
+    """Validation loss and perplexity on the whole split, and greedy BLEU on its first sentences."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for indices in make_batches(valid.src_lens, valid.tgt_lens, cfg.train.max_tokens):
+        batch = collate(indices, valid).to(device)
+        with autocast(cfg.train.precision, device):
+            total += loss_fn(batch.src, batch.tgt_in, batch.tgt_out).item()
+        tokens += batch.n_tgt_tokens
+    result = {"valid_loss": total / tokens, "valid_ppl": math.exp(min(total / tokens, 50.0))}
+    n = cfg.train.eval_bleu_sentences
+    if n > 0:
+        sources, references = valid_text[0][:n], valid_text[1][:n]
+        with autocast(cfg.train.precision, device):
+            hypotheses = translate(
+                model, src_tok, tgt_tok, sources, beam_size=1, length_penalty=cfg.decode.length_penalty,
+                max_len_a=cfg.decode.max_len_a, max_len_b=cfg.decode.max_len_b,
+                batch_tokens=cfg.decode.batch_tokens, device=device,
+            )
+        result["valid_bleu"] = sacrebleu.corpus_bleu(hypotheses, [references]).score
+    model.train()
+    return result
+
+
+def checkpoint_state(
+    cfg: Config, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+    position: Position, src_tok: Tokenizer, tgt_tok: Tokenizer,
+) -> dict[str, Any]:
+    """Everything a checkpoint holds: weights, config, tokenizers and the full training state."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "config": config_to_dict(cfg),
+        "model": model.state_dict(),
+        "tokenizers": tokenizer_state(src_tok, tgt_tok),
+        "step": position.step,
+        "optimizer": optimizer.state_dict(),
+        "scaler": None if scaler is None else scaler.state_dict(),
+        "position": vars(position).copy(),
+        "rng": rng,
+    }
+
+
+def save_step(run_dir: Path, state: dict[str, Any], keep_last: int) -> Path:
+    """Write `checkpoints/step_N.pt` and delete step checkpoints beyond the last `keep_last`."""
+    path = run_dir / "checkpoints" / f"step_{state['step']:08d}.pt"
+    save_checkpoint(state, path)
+    for old in run_checkpoints(run_dir)[:-keep_last]:
+        old.unlink()
+    return path
+
+
+class MetricsLog:
+    """Appends JSON lines to `metrics.jsonl` (rank 0 only)."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, **row: float) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def _reduce(value: float, world_size: int, op: dist.ReduceOp = dist.ReduceOp.SUM) -> float:
+    """All-reduce one number across data-parallel ranks (a no-op for a single process)."""
+    if world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=op)
+    return tensor.item()
+
+
+def train(cfg: Config, resume: bool = False) -> Path:
+    """Train as `cfg` says, resuming from the run directory's latest checkpoint if `resume`.
+
+    Returns:
+        The run directory.
+    """
+    tc = cfg.train
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = resolve_device(tc.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    if tc.keep_last < tc.average_last:
+        raise ConfigError(f"train.keep_last ({tc.keep_last}) must be >= train.average_last ({tc.average_last})")
+    autocast(tc.precision, device)  # validates precision against the device before any work
+    is_main = rank == 0
+    run_dir = Path(tc.output_dir)
+
+    resume_state = None
+    if resume:
+        found = run_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(f"{run_dir}: --resume given but the run has no checkpoints/step_*.pt")
+        resume_state = load_checkpoint(found[-1])
+        log.info("resuming from %s", found[-1])
+    elif is_main and run_checkpoints(run_dir):
+        raise CheckpointError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another train.output_dir")
+
+    torch.manual_seed(tc.seed)
+    src_tok, tgt_tok, train_data, valid_text, valid = prepare_data(cfg, run_dir, resume_state)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        copy_tokenizers({cfg.data.src_lang: src_tok, cfg.data.tgt_lang: tgt_tok}, run_dir)
+
+    model = Transformer.from_config(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, PAD_ID).to(device)
+    loss_fn = TranslationLoss(model, tc.label_smoothing)
+    trainer: nn.Module = loss_fn
+    if world_size > 1:
+        trainer = nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay,
+    )
+    scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
+    position = Position()
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if scaler is not None and resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        position = Position(**resume_state["position"])
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        if "cuda" in resume_state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume_state["rng"]["cuda"])
+
+    batches = make_batches(train_data.src_lens, train_data.tgt_lens, tc.max_tokens)
+    sampler = BatchSampler(batches, tc.seed, rank, world_size)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2fM parameters; %d training pairs in %d batches per epoch per rank; device %s, %d threads",
+             n_params / 1e6, len(train_data), len(sampler), device, torch.get_num_threads())
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl", is_main)
+    stop = StopRequested()
+    model.train()
+    epoch_batches = sampler.epoch_batches(position.epoch)
+    bar = tqdm(total=tc.max_steps or None, initial=position.step, disable=not is_main or None, unit="step",
+               dynamic_ncols=True)
+    window_tokens, window_loss, window_start = 0, 0.0, time.perf_counter()
+    segment_start, elapsed_before = time.perf_counter(), position.elapsed
+    reason = "step limit"
+
+    def save(path_kind: str = "step") -> None:
+        if is_main:
+            state = checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok)
+            path = save_step(run_dir, state, tc.keep_last)
+            log.info("saved %s (%s)", path, path_kind)
+
+    while True:
+        # ---- one optimizer step over `accumulate` batches ----
+        micro: list = []
+        while len(micro) < tc.accumulate:
+            if position.batch >= len(epoch_batches):
+                position.epoch += 1
+                position.batch = 0
+                epoch_batches = sampler.epoch_batches(position.epoch)
+            micro.append(collate(epoch_batches[position.batch], train_data).to(device))
+            position.batch += 1
+        step_tokens = _reduce(sum(b.n_tgt_tokens for b in micro), world_size)
+        lr = noam_lr(position.step + 1, cfg.model.d_model, tc.warmup_steps, tc.lr_scale)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = 0.0
+        for i, batch in enumerate(micro):
+            sync = contextlib.nullcontext() if world_size == 1 or i == len(micro) - 1 else trainer.no_sync()
+            with sync:
+                with autocast(tc.precision, device):
+                    loss = trainer(batch.src, batch.tgt_in, batch.tgt_out)
+                # DDP averages gradients over ranks; scaling by world_size makes the result the
+                # gradient of the global loss sum divided by the global token count.
+                scaled = loss * (world_size / step_tokens)
+                (scaled if scaler is None else scaler.scale(scaled)).backward()
+            step_loss += loss.item()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm if tc.clip_norm > 0 else float("inf"))
+        finite = math.isfinite(step_loss) and (scaler is not None or math.isfinite(grad_norm.item()))
+        if finite:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            position.nonfinite = 0
+        else:
+            position.nonfinite += 1
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", position.step + 1, position.nonfinite)
+            if position.nonfinite >= tc.max_nonfinite:
+                raise TrainingError(f"{position.nonfinite} non-finite steps in a row at step {position.step + 1}: "
+                                    "lower train.lr_scale, enable train.clip_norm or use train.precision=fp32")
+        optimizer.zero_grad(set_to_none=True)
+        position.step += 1
+        position.elapsed = elapsed_before + time.perf_counter() - segment_start
+        bar.update(1)
+
+        # ---- logging ----
+        window_tokens += _reduce(sum(b.n_src_tokens + b.n_tgt_tokens for b in micro), world_size)
+        window_loss += _reduce(step_loss, world_size) / step_tokens if finite else 0.0
+        if position.step % tc.log_every == 0:
+            seconds = time.perf_counter() - window_start
+            row = {"step": position.step, "epoch": position.epoch, "loss": window_loss / tc.log_every, "lr": lr,
+                   "tokens_per_s": window_tokens / seconds, "minutes": position.elapsed / 60}
+            metrics.write(**row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if bar.disable and is_main:
+                log.info("step %d epoch %d loss %.4f lr %.3e %.0f tokens/s %.1f min", position.step, position.epoch,
+                         row["loss"], lr, row["tokens_per_s"], row["minutes"])
+            window_tokens, window_loss, window_start = 0, 0.0, time.perf_counter()
+
+        # ---- validation, checkpoints, stopping ----
+        should_stop = False
+        if tc.max_steps and position.step >= tc.max_steps:
+            should_stop, reason = True, "step limit"
+        elif tc.max_epochs and position.epoch >= tc.max_epochs and position.batch >= len(epoch_batches):
+            should_stop, reason = True, "epoch limit"
+        elif tc.max_minutes and position.elapsed >= tc.max_minutes * 60:
+            should_stop, reason = True, "time limit"
+        if stop.signal is not None:
+            should_stop, reason = True, f"signal {signal.Signals(stop.signal).name}"
+        should_stop = bool(_reduce(float(should_stop), world_size, dist.ReduceOp.MAX))
+
+        if position.step % tc.eval_every == 0 or should_stop:
+            if is_main:
+                result = validate(cfg, model, loss_fn, valid, valid_text, src_tok, tgt_tok, device)
+                metrics.write(step=position.step, minutes=position.elapsed / 60, **result)
+                log.info("step %d validation: %s", position.step, ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+                bleu = result.get("valid_bleu", -result["valid_loss"])
+                if bleu > position.best_bleu:
+                    position.best_bleu, position.bad_evals = bleu, 0
+                    save_checkpoint(checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok),
+                                    run_dir / "checkpoints" / "best.pt")
+                else:
+                    position.bad_evals += 1
+                if tc.patience and position.bad_evals >= tc.patience:
+                    should_stop, reason = True, f"no better validation BLEU in {tc.patience} validations"
+            should_stop = bool(_reduce(float(should_stop), world_size, dist.ReduceOp.MAX))
+            segment_start, elapsed_before = time.perf_counter(), position.elapsed  # validation time is not training time
+        if position.step % tc.save_every == 0 or should_stop:
+            save()
+        if should_stop:
+            break
+
+    bar.close()
+    log.info("stopped after step %d (%s), %.1f minutes of training", position.step, reason, position.elapsed / 60)
+    if is_main:
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        if stop.signal is None:
+            save_averaged(run_checkpoints(run_dir)[-tc.average_last:], run_dir / "checkpoints" / "final.pt")
+            log.info("wrote %s (average of the last %d checkpoints)", run_dir / "checkpoints" / "final.pt", tc.average_last)
+    if world_size > 1:
+        dist.destroy_process_group()
+    if stop.signal is not None:
+        sys.exit(128 + stop.signal)
+    return run_dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="transformer-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its latest checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=200")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if int(os.environ.get("RANK", "0")) == 0:
+            Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(Path(cfg.train.output_dir) / "train.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            logging.getLogger().addHandler(handler)
+        train(cfg, resume=args.resume)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
