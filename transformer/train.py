@@ -36,6 +36,7 @@ from .config import Config, ConfigError, config_to_dict, load_config, save_confi
 from .data import BatchSampler, DataError, ParallelData, collate, encode_pairs, load_split, make_batches
 from .model import Transformer
 from .plot import plot_metrics
+from .runtime import keep_freed_memory
 from .schedule import noam_lr
 from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers, load_or_train_tokenizers
 from .translator import translate
@@ -402,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its latest checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=200")
     args = parser.parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)

@@ -7,13 +7,14 @@
 
 from .attention import MultiHeadAttention, scaled_dot_product_attention
 from .cache import AttentionCache, DecoderCache
+from .dropout import Dropout
 from .layers import DecoderLayer, EncoderLayer, FeedForward
 from .masks import attention_mask, causal_mask
 from .positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding, sinusoidal_table
 from .transformer import Decoder, Encoder, Transformer
 
 __all__ = [
-    "AttentionCache", "Decoder", "DecoderCache", "DecoderLayer", "Encoder", "EncoderLayer", "FeedForward",
+    "AttentionCache", "Decoder", "DecoderCache", "DecoderLayer", "Dropout", "Encoder", "EncoderLayer", "FeedForward",
     "LearnedPositionalEmbedding", "MultiHeadAttention", "SinusoidalPositionalEncoding", "Transformer",
     "attention_mask", "causal_mask", "scaled_dot_product_attention", "sinusoidal_table",
 ]

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .cache import DecoderCache
+from .dropout import Dropout
 from .layers import DecoderLayer, EncoderLayer
 from .positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
 
@@ -139,7 +140,7 @@ class Transformer(nn.Module):
             self.positions = LearnedPositionalEmbedding(d_model, max_len)
         else:
             raise ValueError(f"positional must be 'sinusoidal' or 'learned', got {positional!r}")
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.encoder = Encoder(n_encoder_layers, d_model, n_heads, d_ff, dropout, attention_dropout, norm_first)
         self.decoder = Decoder(n_decoder_layers, d_model, n_heads, d_ff, dropout, attention_dropout, norm_first)
         self.output_projection = nn.Linear(d_model, tgt_vocab_size, bias=False)
