@@ -1,0 +1,427 @@
+"""The training pipeline at tiny scale: a full run and the tools on its checkpoints, exact resumption
+after SIGKILL, clean saves on SIGTERM/SIGINT, non-finite losses, data parallelism, one-line errors,
+the learning-rate schedule and the loss.
+
+Every run trains a 1+1-layer, d_model=32 model on a synthetic word-for-word "German -> English"
+corpus written into a temporary folder, on one CPU thread. Only the SIGKILL run and `torchrun` are
+subprocesses (each pays seconds of torch start-up); the command-line tools run in-process through
+their `main`, and SIGTERM/SIGINT are sent by the test process to itself at a chosen step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer import evaluate, translate
+from transformer import train as train_module
+from transformer.checkpoint import load_checkpoint, run_checkpoints
+from transformer.config import load_config
+from transformer.data import BatchSampler, make_batches
+from transformer.model import Transformer
+from transformer.schedule import noam_lr
+from transformer.tokenizer import PAD_ID
+from transformer.train import TrainingError, TranslationLoss, main, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "multi30k_de_en.yaml"
+TIMEOUT = 180  # seconds for any one subprocess: far above what they need, only there to end a hang
+
+# A word-for-word dictionary: the "translation" of a sentence is the mapped words in the same order.
+LEXICON = {
+    "ein": "a", "mann": "man", "frau": "woman", "kind": "child", "hund": "dog", "katze": "cat",
+    "spielt": "plays", "läuft": "runs", "springt": "jumps", "sitzt": "sits", "im": "in the", "park": "park",
+    "auf": "on", "der": "the", "straße": "street", "mit": "with", "einem": "a", "ball": "ball",
+    "schnell": "quickly", "rot": "red", "blau": "blue", "groß": "big", "klein": "small", "wasser": "water",
+    "vor": "in front of", "dem": "the", "baum": "tree", "junge": "boy", "mädchen": "girl", "fährt": "rides",
+    "fahrrad": "bike", "isst": "eats", "apfel": "apple", "grün": "green", "weiß": "white", "zwei": "two",
+}
+SPLITS = {"train": 300, "valid": 30, "test": 20}
+MAX_STEPS = 30  # of the reference run and of every run compared with it
+
+
+@contextlib.contextmanager
+def process_state_kept():
+    """In-process runs install signal handlers and log handlers; put the test process back as it was."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    root = logging.getLogger()
+    log_handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for handler in list(root.handlers):
+            if handler not in log_handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def restore_process_state():
+    with process_state_kept():
+        yield
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Plain-text train/valid/test files for de -> en, and a tokenizer cache shared by the module's runs."""
+    folder = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = sorted(LEXICON)
+    for split, n in SPLITS.items():
+        src = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n)]
+        (folder / f"{split}.de").write_text("".join(s + "\n" for s in src), encoding="utf-8")
+        (folder / f"{split}.en").write_text("".join(" ".join(LEXICON[w] for w in s.split()) + "\n" for s in src),
+                                            encoding="utf-8")
+    return folder
+
+
+def overrides(corpus: Path, run_dir: Path, **changes: Any) -> list[str]:
+    """Dotted overrides of the real de-en config that make a seconds-long CPU run; `train_max_steps=5`
+    style keyword arguments (section and key joined by the first underscore) change single values."""
+    values: dict[str, Any] = {
+        "data.local_dir": corpus, "data.hub_name": "null", "data.src_lang": "de", "data.tgt_lang": "en",
+        "data.train_split": "train", "data.valid_split": "valid", "data.test_split": "test", "data.max_len": 100,
+        "tokenizer.type": "bpe", "tokenizer.vocab_size": 120, "tokenizer.joint": "true",
+        "tokenizer.cache_dir": corpus / "tokenizers",
+        "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "model.n_encoder_layers": 1,
+        "model.n_decoder_layers": 1, "model.dropout": 0.1, "model.attention_dropout": 0.0, "model.max_len": 128,
+        "model.share_embeddings": "true", "model.tie_output": "true",
+        "train.output_dir": run_dir, "train.seed": 1, "train.device": "cpu", "train.threads": 1,
+        "train.precision": "fp32", "train.max_tokens": 300, "train.accumulate": 1, "train.max_steps": MAX_STEPS,
+        "train.max_epochs": 0, "train.max_minutes": 0, "train.lr_scale": 1, "train.warmup_steps": 10,
+        "train.clip_norm": 0, "train.weight_decay": 0, "train.label_smoothing": 0.1, "train.log_every": 5,
+        "train.eval_every": 10, "train.eval_bleu_sentences": 20, "train.save_every": 5, "train.keep_last": 5,
+        "train.average_last": 2, "train.patience": 0, "train.max_nonfinite": 10,
+        "decode.beam_size": 2, "decode.max_len_a": 1.0, "decode.max_len_b": 5, "decode.batch_tokens": 2000,
+    }
+    for name, value in changes.items():
+        section, key = name.split("_", 1)
+        assert f"{section}.{key}" in values, name
+        values[f"{section}.{key}"] = value
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def run_module(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    """`python -m ARGS` from the repository root, output captured as text."""
+    return subprocess.run([sys.executable, "-m", *args], check=False, cwd=ROOT, capture_output=True, text=True,
+                          timeout=TIMEOUT, **kwargs)
+
+
+def step_of(path: Path) -> int:
+    return int(path.stem.split("_")[1])
+
+
+def assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
+    """Recursively: equal structure, bit-identical tensors, equal other values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys differ"
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}/{i}")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> Path:
+    """An uninterrupted run of `transformer-train` (in-process, through its command-line entry point)."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    with process_state_kept():
+        main(["--config", str(CONFIG), *overrides(corpus, run_dir)])
+    return run_dir
+
+
+def test_a_run_writes_its_outputs_and_the_tools_use_them(reference, corpus, capsys, monkeypatch):
+    assert (reference / "config.yaml").is_file() and (reference / "spm.model").is_file()
+    assert (reference / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_config(reference / "config.yaml").train.max_steps == MAX_STEPS
+    checkpoints = reference / "checkpoints"
+    assert [step_of(p) for p in run_checkpoints(reference)] == [10, 15, 20, 25, 30]  # keep_last=5, save_every=5
+    assert (checkpoints / "best.pt").is_file() and (checkpoints / "final.pt").is_file()
+    final = load_checkpoint(checkpoints / "final.pt")
+    assert final["averaged_from"] == [str(checkpoints / f"step_{s:08d}.pt") for s in (25, 30)]
+
+    rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    training = [r for r in rows if "loss" in r]
+    validation = [r for r in rows if "valid_loss" in r]
+    assert [r["step"] for r in training] == list(range(5, MAX_STEPS + 1, 5))
+    assert [r["step"] for r in validation] == [10, 20, 30]
+    for r in training:
+        assert math.isfinite(r["loss"]) and r["lr"] > 0 and r["tokens_per_s"] > 0
+    for r in validation:
+        assert math.isfinite(r["valid_loss"]) and r["valid_ppl"] == pytest.approx(math.exp(r["valid_loss"]))
+        assert 0 <= r["valid_bleu"] <= 100
+    assert training[-1]["loss"] < training[0]["loss"]  # it learns something
+    assert training[1]["lr"] == pytest.approx(noam_lr(10, 32, 10))
+
+    capsys.readouterr()
+    evaluate.main(["--checkpoint", str(checkpoints / "final.pt"), "--json", "--device", "cpu"])
+    result = json.loads(capsys.readouterr().out)
+    assert 0 <= result["bleu"] <= 100 and 0 <= result["chrf"] <= 100
+    assert result["n_sentences"] == SPLITS["test"]
+    assert len((checkpoints / "hyp.test.txt").read_text().splitlines()) == SPLITS["test"]
+
+    lines = (corpus / "test.de").read_text().splitlines()[:5] + ["", "hund"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(("\n".join(lines) + "\n").encode())))
+    translate.main(["--checkpoint", str(checkpoints / "best.pt"), "--device", "cpu"])
+    outputs = capsys.readouterr().out.split("\n")
+    assert len(outputs) == len(lines) + 1 and outputs[-1] == ""
+    assert outputs[5] == ""  # an empty line translates to an empty line
+
+
+def test_sigkill_and_resume_end_bit_identical_to_an_uninterrupted_run(reference, corpus, tmp_path):
+    ov = overrides(corpus, tmp_path)
+    with open(tmp_path.parent / f"{tmp_path.name}.stderr", "w+") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "transformer.train", "--config", str(CONFIG), *ov],
+                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.monotonic() + TIMEOUT
+        while not run_checkpoints(tmp_path) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        process.kill()
+        process.wait(timeout=TIMEOUT)
+        stderr.seek(0)
+        assert process.returncode == -signal.SIGKILL, stderr.read()  # not ended before the kill
+    assert not (tmp_path / "checkpoints" / "final.pt").exists()
+    killed_at = step_of(run_checkpoints(tmp_path)[-1])
+    assert killed_at < MAX_STEPS, "the run finished before it was killed: make it longer"
+
+    main(["--config", str(CONFIG), "--resume", *ov])
+    name = f"step_{MAX_STEPS:08d}.pt"
+    assert run_checkpoints(tmp_path)[-1].name == name
+    assert (tmp_path / "checkpoints" / "final.pt").is_file()
+    resumed = load_checkpoint(tmp_path / "checkpoints" / name)
+    uninterrupted = load_checkpoint(reference / "checkpoints" / name)
+    for key in ("model", "optimizer", "rng", "tokenizers", "step"):
+        assert_same_tensors(resumed[key], uninterrupted[key], key)
+    assert {k: v for k, v in resumed["position"].items() if k != "elapsed"} == \
+        {k: v for k, v in uninterrupted["position"].items() if k != "elapsed"}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_saves_the_step_reached_and_resume_finishes(signum, reference, corpus, tmp_path, monkeypatch):
+    # The signal reaches this very process in the middle of step 3's forward pass.
+    forward, steps = TranslationLoss.forward, []
+
+    def signal_at_step_3(self, src, tgt_in, tgt_out):
+        if self.training:
+            steps.append(1)
+            if len(steps) == 3:
+                os.kill(os.getpid(), signum)
+        return forward(self, src, tgt_in, tgt_out)
+
+    monkeypatch.setattr(TranslationLoss, "forward", signal_at_step_3)
+    ov = overrides(corpus, tmp_path, train_save_every=1000)  # no periodic checkpoints
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(CONFIG), *ov])
+    assert exit.value.code not in (0, None)
+    saved = run_checkpoints(tmp_path)
+    assert [step_of(p) for p in saved] == [3]  # the step it was in, completed, then saved
+    state = load_checkpoint(saved[0])
+    assert state["step"] == state["position"]["step"] == 3
+    assert not (tmp_path / "checkpoints" / "final.pt").exists()
+
+    monkeypatch.setattr(TranslationLoss, "forward", forward)
+    main(["--config", str(CONFIG), "--resume", *ov])
+    assert [step_of(p) for p in run_checkpoints(tmp_path)] == [3, MAX_STEPS]
+    assert (tmp_path / "checkpoints" / "final.pt").is_file()
+    # Checkpoint cadence and validation are not part of the arithmetic: the weights match the reference.
+    resumed = load_checkpoint(run_checkpoints(tmp_path)[-1])
+    assert_same_tensors(resumed["model"], load_checkpoint(run_checkpoints(reference)[-1])["model"], "model")
+
+
+def test_non_finite_losses_skip_the_update_and_too_many_stop_the_run(corpus, tmp_path, monkeypatch, caplog):
+    forward = TranslationLoss.forward
+    calls, snapshot = [], {}
+
+    def nan_after_two_steps(self, src, tgt_in, tgt_out):
+        loss = forward(self, src, tgt_in, tgt_out)
+        if not self.training:
+            return loss
+        calls.append(self)
+        if len(calls) == 3:  # weights after the last good step
+            snapshot.update({k: v.clone() for k, v in self.model.state_dict().items()})
+        return loss * float("nan") if len(calls) > 2 else loss
+
+    monkeypatch.setattr(TranslationLoss, "forward", nan_after_two_steps)
+    cfg = load_config(CONFIG, overrides(corpus, tmp_path, train_max_nonfinite=3, train_eval_every=1000,
+                                        train_save_every=1000))
+    with pytest.raises(TrainingError, match="non-finite") as error:
+        train(cfg)
+    assert "3 non-finite steps in a row" in str(error.value) and len(calls) == 5
+    assert len([r for r in caplog.records if "update skipped" in r.getMessage()]) == 3
+    assert_same_tensors(calls[-1].model.state_dict(), snapshot, "model")
+
+
+def test_isolated_non_finite_losses_are_skipped_and_the_run_goes_on(corpus, tmp_path, monkeypatch, caplog):
+    forward = TranslationLoss.forward
+    calls = []
+
+    def nan_every_other_step(self, src, tgt_in, tgt_out):
+        loss = forward(self, src, tgt_in, tgt_out)
+        if self.training:
+            calls.append(1)
+            if len(calls) % 2 == 1:  # steps 1, 3, 5
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(TranslationLoss, "forward", nan_every_other_step)
+    cfg = load_config(CONFIG, overrides(corpus, tmp_path, train_max_steps=6, train_max_nonfinite=2,
+                                        train_eval_every=1000, train_save_every=1000, train_log_every=1,
+                                        train_eval_bleu_sentences=0, train_average_last=1))
+    train(cfg)
+    assert [r.getMessage().endswith("(1 in a row)") for r in caplog.records if "update skipped" in r.getMessage()] \
+        == [True] * 3
+    state = load_checkpoint(run_checkpoints(tmp_path)[-1])
+    assert state["step"] == 6 and state["position"]["nonfinite"] == 0
+    assert state["optimizer"]["state"][0]["step"].item() == 3  # three updates were made, three skipped
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_max_epochs_counts_whole_passes_over_the_data(corpus, tmp_path):
+    cfg = load_config(CONFIG, overrides(corpus, tmp_path, train_max_steps=0, train_max_epochs=1,
+                                        train_eval_every=1000, train_save_every=1000, train_eval_bleu_sentences=0,
+                                        train_average_last=1))
+    *_, data, _, _ = train_module.prepare_data(cfg, tmp_path, None)
+    n_batches = len(make_batches(data.src_lens, data.tgt_lens, cfg.train.max_tokens))
+    train(cfg)
+    assert load_checkpoint(run_checkpoints(tmp_path)[-1])["step"] == n_batches
+
+
+def test_train_gives_back_the_signal_handlers_it_installed(corpus, tmp_path):
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    cfg = load_config(CONFIG, overrides(corpus, tmp_path, train_max_steps=1, train_eval_bleu_sentences=0,
+                                        train_average_last=1))
+    train(cfg)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path):
+    # Dropout off: every rank seeds the same generator, so two ranks draw the same masks where one
+    # process draws two different ones in sequence; with dropout the runs differ by design.
+    steps = 4
+    changes = {"model_dropout": 0.0, "train_max_steps": steps, "train_eval_every": 1000, "train_save_every": 1000,
+               "train_eval_bleu_sentences": 0, "train_keep_last": 1, "train_average_last": 1}
+    ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
+    done = run_module("torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                      f"--master_port={free_port()}", "-m", "transformer.train", "--config", str(CONFIG),
+                      *overrides(corpus, ddp_dir, **changes))
+    assert done.returncode == 0, done.stderr[-5000:]
+
+    cfg = load_config(CONFIG, overrides(corpus, single_dir, train_accumulate=2, **changes))
+    train(cfg)
+    # The same global batches: rank r takes shuffled batches r, r+2, ...; one process with
+    # accumulate=2 takes batches 2k and 2k+1 for step k.
+    *_, data, _, _ = train_module.prepare_data(cfg, single_dir, None)
+    batches = make_batches(data.src_lens, data.tgt_lens, cfg.train.max_tokens)
+    ranks = [BatchSampler(batches, cfg.train.seed, r, 2).epoch_batches(0) for r in (0, 1)]
+    single = BatchSampler(batches, cfg.train.seed).epoch_batches(0)
+    assert len(single) >= 2 * steps
+    assert [b for pair in zip(*ranks) for b in pair][: 2 * steps] == single[: 2 * steps]
+
+    name = f"step_{steps:08d}.pt"
+    ddp, one = (load_checkpoint(d / "checkpoints" / name)["model"] for d in (ddp_dir, single_dir))
+    assert ddp.keys() == one.keys()
+    for key in ddp:
+        torch.testing.assert_close(ddp[key], one[key], rtol=0, atol=1e-5,
+                                   msg=lambda message, key=key: f"{key}: {message}")
+    # The data-parallel run really had two ranks, each with half of the batches.
+    assert f"in {len(batches) // 2} batches per epoch per rank" in (ddp_dir / "train.log").read_text()
+
+
+def one_line_error(exit: pytest.ExceptionInfo, *fragments: str) -> None:
+    message = exit.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    assert all(f in message for f in fragments), message
+
+
+def test_unknown_config_key_is_one_line_with_a_suggestion(corpus, tmp_path):
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(CONFIG), *overrides(corpus, tmp_path), "train.max_step=5"])
+    one_line_error(exit, "did you mean 'train.max_steps'")
+
+
+def test_a_new_run_refuses_a_folder_with_checkpoints(corpus, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_00000005.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(CONFIG), *overrides(corpus, tmp_path)])
+    one_line_error(exit, str(tmp_path), "--resume")
+
+
+def test_resume_without_checkpoints_is_one_line(corpus, tmp_path):
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(CONFIG), "--resume", *overrides(corpus, tmp_path)])
+    one_line_error(exit, str(tmp_path), "no checkpoints")
+
+
+def test_missing_data_folder_is_one_line(corpus, tmp_path):
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(CONFIG), *overrides(corpus, tmp_path / "run"), f"data.local_dir={missing}"])
+    one_line_error(exit, str(missing))
+
+
+def paper_lr(step: int, d_model: int, warmup: int) -> float:
+    """Equation 3, written out: d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)."""
+    return (1 / math.sqrt(d_model)) * min(1 / math.sqrt(step), step / (warmup * math.sqrt(warmup)))
+
+
+def test_noam_lr_is_the_papers_formula_and_peaks_after_warmup():
+    for step in (1, 2, 100, 3999, 4000, 4001, 10000, 100000):
+        assert noam_lr(step, 512, 4000) == pytest.approx(paper_lr(step, 512, 4000), rel=1e-12)
+        assert noam_lr(step, 512, 4000, 2.0) == pytest.approx(2 * paper_lr(step, 512, 4000), rel=1e-12)
+    assert noam_lr(4000, 512, 4000) == pytest.approx(6.987712429686844e-04, rel=1e-12)  # 1/sqrt(512*4000)
+    assert noam_lr(1, 512, 4000) == pytest.approx(1.7469281074217108e-07, rel=1e-12)  # 1/(sqrt(512)*4000^1.5)
+    rates = [noam_lr(s, 256, 1000) for s in range(1, 3001)]
+    assert max(range(len(rates)), key=rates.__getitem__) + 1 == 1000
+    assert all(a < b for a, b in itertools.pairwise(rates[:1000]))  # linear warm-up
+    assert all(a > b for a, b in itertools.pairwise(rates[999:]))  # inverse-sqrt decay
+    assert noam_lr(0, 512, 4000) == noam_lr(1, 512, 4000)
+
+
+def test_translation_loss_equals_cross_entropy_over_all_positions():
+    torch.manual_seed(0)
+    model = Transformer(11, 13, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=2,
+                        dropout=0.0, share_embeddings=False, tie_output=False, pad_id=PAD_ID).double().eval()
+    src = torch.randint(4, 11, (3, 7))
+    tgt = torch.randint(4, 13, (3, 6))
+    src[0, 5:] = PAD_ID
+    tgt[1, 3:] = PAD_ID
+    tgt[2, 1:] = PAD_ID
+    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+    loss = TranslationLoss(model, label_smoothing=0.1)(src, tgt_in, tgt_out)  # float32 by design
+    expected = F.cross_entropy(model(src, tgt_in).flatten(0, 1), tgt_out.flatten(), ignore_index=PAD_ID,
+                               label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
