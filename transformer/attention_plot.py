@@ -22,7 +22,8 @@ from torch import Tensor
 
 from transformer.checkpoint import load_model
 from transformer.tokenizer import BOS_ID
-from transformer.translator import resolve_device, source_ids, translate_ids
+from transformer.runtime import resolve_device
+from transformer.translator import source_ids, translate_ids
 
 logger = logging.getLogger(__name__)
 

@@ -103,7 +103,9 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for path in paths:
         state = load_checkpoint(path)
-        model = state["model"]
+        model = state.get("model")
+        if not isinstance(model, dict):
+            raise CheckpointError(f"{path}: holds no model parameters")
         if total and model.keys() != total.keys():
             raise CheckpointError(f"{path}: its parameters differ from {paths[0]}; cannot average")
         for name, tensor in model.items():

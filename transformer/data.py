@@ -34,7 +34,7 @@ class DataError(ValueError):
     """The corpus is missing, malformed or inconsistent; the message names the file or column."""
 
 
-def _read_lines(path: Path) -> list[str]:
+def read_lines(path: Path) -> list[str]:
     """Read a UTF-8 (optionally gzip) file as stripped lines, splitting on ``\\n`` only.
 
     ``str.splitlines`` is avoided on purpose: it also splits on characters such as U+2028 and
@@ -75,7 +75,7 @@ def _load_local(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
     folder = Path(cfg.local_dir)
     src_path = _local_file(folder, name, cfg.src_lang)
     tgt_path = _local_file(folder, name, cfg.tgt_lang)
-    src, tgt = _read_lines(src_path), _read_lines(tgt_path)
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
         raise DataError(
             f"line counts differ: {src_path} has {len(src)} lines, {tgt_path} has {len(tgt)} lines"

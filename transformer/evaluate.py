@@ -21,8 +21,9 @@ import torch
 from sacrebleu.metrics import BLEU, CHRF
 
 from transformer.checkpoint import CheckpointError, load_model
-from transformer.data import DataError, _read_lines, load_split
-from transformer.translator import resolve_device, translate
+from transformer.data import DataError, read_lines, load_split
+from transformer.runtime import keep_freed_memory, resolve_device
+from transformer.translator import translate
 
 if TYPE_CHECKING:
     from transformer.checkpoint import LoadedModel
@@ -108,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point of `transformer-evaluate`."""
     parser = _parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     if (args.src is None) != (args.ref is None):
         parser.error("--src and --ref go together")
     for name in ("beam", "batch_tokens"):
@@ -123,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         loaded = load_model(args.checkpoint, device)
         if args.src is not None:
-            src_texts, ref_texts, name = _read_lines(args.src), _read_lines(args.ref), args.src.name
+            src_texts, ref_texts, name = read_lines(args.src), read_lines(args.ref), args.src.name
         else:
             src_texts, ref_texts = load_split(loaded.config.data, args.split)
             name = args.split

@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import logging
 
+import torch
+
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
@@ -34,3 +36,25 @@ def keep_freed_memory() -> bool:
     ok = mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
     log.debug("glibc malloc keeps freed memory: %s", ok)
     return ok
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """Turn a device name into a usable device.
+
+    "auto" picks CUDA when available (GPU `local_rank`, the rank's GPU under torchrun), else the
+    CPU; "cuda" means GPU `local_rank`.
+
+    Raises:
+        ValueError: for a malformed name or a CUDA device on a machine without one.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device

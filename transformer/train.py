@@ -36,7 +36,7 @@ from .config import Config, ConfigError, config_to_dict, load_config, save_confi
 from .data import BatchSampler, DataError, ParallelData, collate, encode_pairs, load_split, make_batches
 from .model import Transformer
 from .plot import plot_metrics
-from .runtime import keep_freed_memory
+from .runtime import keep_freed_memory, resolve_device
 from .schedule import noam_lr
 from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers, load_or_train_tokenizers
 from .translator import translate
@@ -92,18 +92,6 @@ class StopRequested:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
-
-
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    """"auto" picks CUDA (this rank's GPU) when available, else the CPU."""
-    if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif name == "cuda":
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available")
-    return device
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -217,7 +205,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
     tc = cfg.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = resolve_device(tc.device, int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        device = resolve_device(tc.device, int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as e:
+        raise ConfigError(f"train.device: {e}") from None
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
 from transformer.checkpoint import CheckpointError, load_model
-from transformer.translator import resolve_device, translate
+from transformer.runtime import keep_freed_memory, resolve_device
+from transformer.translator import translate
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point of `transformer-translate`."""
     parser = _parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     for name in ("beam", "batch_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

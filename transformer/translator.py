@@ -20,23 +20,6 @@ from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(name: str) -> torch.device:
-    """Turn a device name into a usable device: "auto" picks CUDA when available, else the CPU.
-
-    Raises:
-        ValueError: for a malformed name or a CUDA device on a machine without one.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
 def source_ids(
     src_tokenizer: Tokenizer, sentences: Sequence[str], max_src_len: int | None = None, first_line: int = 1
 ) -> list[list[int]]:
