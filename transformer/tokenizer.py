@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -245,7 +244,7 @@ def copy_tokenizers(tokenizers: Mapping[str, Tokenizer], run_dir: str | Path) ->
         target = run_dir / name
         if name not in paths.values():
             tmp = target.with_name(target.name + ".tmp")
-            shutil.copyfile(tok.path, tmp)
+            tmp.write_bytes(tok.to_bytes())  # works for tokenizers rebuilt from a checkpoint too
             os.replace(tmp, target)
         paths[lang] = name
     return paths

@@ -66,7 +66,9 @@ class TranslationLoss(nn.Module):
         hidden = self.model.decode_hidden(tgt_in, memory, self.model.padding_mask(src))  # (B, T, D)
         real = tgt_out.ne(PAD_ID)
         logits = self.model.project(hidden[real])  # (N, V) for the N real target tokens
-        return F.cross_entropy(logits.float(), tgt_out[real], label_smoothing=self.label_smoothing, reduction="sum")
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the softmax over V classes needs float32 range and precision
+        return F.cross_entropy(logits, tgt_out[real], label_smoothing=self.label_smoothing, reduction="sum")
 
 
 @dataclass
@@ -83,12 +85,25 @@ class Position:
 
 
 class StopRequested:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so the run saves before leaving."""
+    """Turns SIGINT/SIGTERM into a flag checked between steps, so the run saves before leaving.
+
+    A context manager: the previous handlers are put back on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequested":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
@@ -146,14 +161,35 @@ def validate(
     return result
 
 
-def checkpoint_state(
-    cfg: Config, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-    position: Position, src_tok: Tokenizer, tgt_tok: Tokenizer,
-) -> dict[str, Any]:
-    """Everything a checkpoint holds: weights, config, tokenizers and the full training state."""
+def rng_states(world_size: int) -> list[dict[str, Tensor]]:
+    """The random number generator states of every rank, in rank order (a collective under DDP)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    if world_size == 1:
+        return [rng]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, rng)
+    return gathered
+
+
+def restore_rng(states: list[dict[str, Tensor]], rank: int, world_size: int, seed: int) -> None:
+    """Put back this rank's generator state; reseed if the run had a different number of ranks."""
+    if len(states) != world_size:
+        log.warning("checkpoint has RNG states of %d ranks, this run has %d: dropout masks are reseeded, "
+                    "so the run will not replay bit for bit", len(states), world_size)
+        torch.manual_seed(seed + rank)
+        return
+    torch.set_rng_state(states[rank]["torch"])
+    if "cuda" in states[rank] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states[rank]["cuda"])
+
+
+def checkpoint_state(
+    cfg: Config, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+    position: Position, src_tok: Tokenizer, tgt_tok: Tokenizer, rng: list[dict[str, Tensor]],
+) -> dict[str, Any]:
+    """Everything a checkpoint holds: weights, config, tokenizers and the full training state."""
     return {
         "config": config_to_dict(cfg),
         "model": model.state_dict(),
@@ -254,9 +290,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         position = Position(**resume_state["position"])
-        torch.set_rng_state(resume_state["rng"]["torch"])
-        if "cuda" in resume_state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(resume_state["rng"]["cuda"])
+        restore_rng(resume_state["rng"], rank, world_size, tc.seed)
+    else:
+        torch.manual_seed(tc.seed + rank)  # same initial weights everywhere, own dropout masks per rank
 
     batches = make_batches(train_data.src_lens, train_data.tgt_lens, tc.max_tokens)
     sampler = BatchSampler(batches, tc.seed, rank, world_size)
@@ -265,7 +301,6 @@ def train(cfg: Config, resume: bool = False) -> Path:
              n_params / 1e6, len(train_data), len(sampler), device, torch.get_num_threads())
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", is_main)
-    stop = StopRequested()
     model.train()
     epoch_batches = sampler.epoch_batches(position.epoch)
     bar = tqdm(total=tc.max_steps or None, initial=position.step, disable=not is_main or None, unit="step",
@@ -275,104 +310,107 @@ def train(cfg: Config, resume: bool = False) -> Path:
     reason = "step limit"
 
     def save(path_kind: str = "step") -> None:
+        rng = rng_states(world_size)  # every rank takes part in gathering the states
         if is_main:
-            state = checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok)
+            state = checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok, rng)
             path = save_step(run_dir, state, tc.keep_last)
             log.info("saved %s (%s)", path, path_kind)
 
-    while True:
-        # ---- one optimizer step over `accumulate` batches ----
-        micro: list = []
-        while len(micro) < tc.accumulate:
-            if position.batch >= len(epoch_batches):
-                position.epoch += 1
-                position.batch = 0
-                epoch_batches = sampler.epoch_batches(position.epoch)
-            micro.append(collate(epoch_batches[position.batch], train_data).to(device))
-            position.batch += 1
-        step_tokens = _reduce(sum(b.n_tgt_tokens for b in micro), world_size)
-        lr = noam_lr(position.step + 1, cfg.model.d_model, tc.warmup_steps, tc.lr_scale)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for i, batch in enumerate(micro):
-            sync = contextlib.nullcontext() if world_size == 1 or i == len(micro) - 1 else trainer.no_sync()
-            with sync:
-                with autocast(tc.precision, device):
-                    loss = trainer(batch.src, batch.tgt_in, batch.tgt_out)
-                # DDP averages gradients over ranks; scaling by world_size makes the result the
-                # gradient of the global loss sum divided by the global token count.
-                scaled = loss * (world_size / step_tokens)
-                (scaled if scaler is None else scaler.scale(scaled)).backward()
-            step_loss += loss.item()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm if tc.clip_norm > 0 else float("inf"))
-        finite = math.isfinite(step_loss) and (scaler is not None or math.isfinite(grad_norm.item()))
-        if finite:
+    with StopRequested() as stop:
+        while True:
+            # ---- one optimizer step over `accumulate` batches ----
+            micro: list = []
+            while len(micro) < tc.accumulate:
+                if position.batch >= len(epoch_batches):
+                    position.epoch += 1
+                    position.batch = 0
+                    epoch_batches = sampler.epoch_batches(position.epoch)
+                micro.append(collate(epoch_batches[position.batch], train_data).to(device))
+                position.batch += 1
+            step_tokens = _reduce(sum(b.n_tgt_tokens for b in micro), world_size)
+            lr = noam_lr(position.step + 1, cfg.model.d_model, tc.warmup_steps, tc.lr_scale)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = 0.0
+            for i, batch in enumerate(micro):
+                sync = contextlib.nullcontext() if world_size == 1 or i == len(micro) - 1 else trainer.no_sync()
+                with sync:
+                    with autocast(tc.precision, device):
+                        loss = trainer(batch.src, batch.tgt_in, batch.tgt_out)
+                    # DDP averages gradients over ranks; scaling by world_size makes the result the
+                    # gradient of the global loss sum divided by the global token count.
+                    scaled = loss * (world_size / step_tokens)
+                    (scaled if scaler is None else scaler.scale(scaled)).backward()
+                step_loss += loss.item()
             if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            position.nonfinite = 0
-        else:
-            position.nonfinite += 1
-            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", position.step + 1, position.nonfinite)
-            if position.nonfinite >= tc.max_nonfinite:
-                raise TrainingError(f"{position.nonfinite} non-finite steps in a row at step {position.step + 1}: "
-                                    "lower train.lr_scale, enable train.clip_norm or use train.precision=fp32")
-        optimizer.zero_grad(set_to_none=True)
-        position.step += 1
-        position.elapsed = elapsed_before + time.perf_counter() - segment_start
-        bar.update(1)
-
-        # ---- logging ----
-        window_tokens += _reduce(sum(b.n_src_tokens + b.n_tgt_tokens for b in micro), world_size)
-        window_loss += _reduce(step_loss, world_size) / step_tokens if finite else 0.0
-        if position.step % tc.log_every == 0:
-            seconds = time.perf_counter() - window_start
-            row = {"step": position.step, "epoch": position.epoch, "loss": window_loss / tc.log_every, "lr": lr,
-                   "tokens_per_s": window_tokens / seconds, "minutes": position.elapsed / 60}
-            metrics.write(**row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if bar.disable and is_main:
-                log.info("step %d epoch %d loss %.4f lr %.3e %.0f tokens/s %.1f min", position.step, position.epoch,
-                         row["loss"], lr, row["tokens_per_s"], row["minutes"])
-            window_tokens, window_loss, window_start = 0, 0.0, time.perf_counter()
-
-        # ---- validation, checkpoints, stopping ----
-        should_stop = False
-        if tc.max_steps and position.step >= tc.max_steps:
-            should_stop, reason = True, "step limit"
-        elif tc.max_epochs and position.epoch >= tc.max_epochs and position.batch >= len(epoch_batches):
-            should_stop, reason = True, "epoch limit"
-        elif tc.max_minutes and position.elapsed >= tc.max_minutes * 60:
-            should_stop, reason = True, "time limit"
-        if stop.signal is not None:
-            should_stop, reason = True, f"signal {signal.Signals(stop.signal).name}"
-        should_stop = bool(_reduce(float(should_stop), world_size, dist.ReduceOp.MAX))
-
-        if position.step % tc.eval_every == 0 or should_stop:
-            if is_main:
-                result = validate(cfg, model, loss_fn, valid, valid_text, src_tok, tgt_tok, device)
-                metrics.write(step=position.step, minutes=position.elapsed / 60, **result)
-                log.info("step %d validation: %s", position.step, ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
-                bleu = result.get("valid_bleu", -result["valid_loss"])
-                if bleu > position.best_bleu:
-                    position.best_bleu, position.bad_evals = bleu, 0
-                    save_checkpoint(checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok),
-                                    run_dir / "checkpoints" / "best.pt")
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm if tc.clip_norm > 0 else float("inf"))
+            finite = math.isfinite(step_loss) and (scaler is not None or math.isfinite(grad_norm.item()))
+            if finite:
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
                 else:
-                    position.bad_evals += 1
-                if tc.patience and position.bad_evals >= tc.patience:
-                    should_stop, reason = True, f"no better validation BLEU in {tc.patience} validations"
+                    optimizer.step()
+                position.nonfinite = 0
+            else:
+                position.nonfinite += 1
+                log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", position.step + 1, position.nonfinite)
+                if position.nonfinite >= tc.max_nonfinite:
+                    raise TrainingError(f"{position.nonfinite} non-finite steps in a row at step {position.step + 1}: "
+                                        "lower train.lr_scale, enable train.clip_norm or use train.precision=fp32")
+            optimizer.zero_grad(set_to_none=True)
+            position.step += 1
+            position.elapsed = elapsed_before + time.perf_counter() - segment_start
+            bar.update(1)
+
+            # ---- logging ----
+            window_tokens += _reduce(sum(b.n_src_tokens + b.n_tgt_tokens for b in micro), world_size)
+            window_loss += _reduce(step_loss, world_size) / step_tokens if finite else 0.0
+            if position.step % tc.log_every == 0:
+                seconds = time.perf_counter() - window_start
+                row = {"step": position.step, "epoch": position.epoch, "loss": window_loss / tc.log_every, "lr": lr,
+                       "tokens_per_s": window_tokens / seconds, "minutes": position.elapsed / 60}
+                metrics.write(**row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if bar.disable and is_main:
+                    log.info("step %d epoch %d loss %.4f lr %.3e %.0f tokens/s %.1f min", position.step, position.epoch,
+                             row["loss"], lr, row["tokens_per_s"], row["minutes"])
+                window_tokens, window_loss, window_start = 0, 0.0, time.perf_counter()
+
+            # ---- validation, checkpoints, stopping ----
+            should_stop = False
+            if tc.max_steps and position.step >= tc.max_steps:
+                should_stop, reason = True, "step limit"
+            elif tc.max_epochs and position.epoch + (position.batch >= len(epoch_batches)) >= tc.max_epochs:
+                should_stop, reason = True, "epoch limit"
+            elif tc.max_minutes and position.elapsed >= tc.max_minutes * 60:
+                should_stop, reason = True, "time limit"
+            if stop.signal is not None:
+                should_stop, reason = True, f"signal {signal.Signals(stop.signal).name}"
             should_stop = bool(_reduce(float(should_stop), world_size, dist.ReduceOp.MAX))
-            segment_start, elapsed_before = time.perf_counter(), position.elapsed  # validation time is not training time
-        if position.step % tc.save_every == 0 or should_stop:
-            save()
-        if should_stop:
-            break
+
+            if position.step % tc.eval_every == 0 or should_stop:
+                if is_main:
+                    result = validate(cfg, model, loss_fn, valid, valid_text, src_tok, tgt_tok, device)
+                    metrics.write(step=position.step, minutes=position.elapsed / 60, **result)
+                    log.info("step %d validation: %s", position.step, ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+                    bleu = result.get("valid_bleu", -result["valid_loss"])
+                    if bleu > position.best_bleu:
+                        position.best_bleu, position.bad_evals = bleu, 0
+                        save_checkpoint(checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok,
+                                                         rng_states(1)),
+                                        run_dir / "checkpoints" / "best.pt")
+                    else:
+                        position.bad_evals += 1
+                    if tc.patience and position.bad_evals >= tc.patience:
+                        should_stop, reason = True, f"no better validation BLEU in {tc.patience} validations"
+                should_stop = bool(_reduce(float(should_stop), world_size, dist.ReduceOp.MAX))
+                segment_start, elapsed_before = time.perf_counter(), position.elapsed  # validation time is not training time
+            if position.step % tc.save_every == 0 or should_stop:
+                save()
+            if should_stop:
+                break
 
     bar.close()
     log.info("stopped after step %d (%s), %.1f minutes of training", position.step, reason, position.elapsed / 60)
