@@ -1,0 +1,105 @@
+"""scripts/benchmark.py: its FLOP count against FlopCounterMode, and equal work on both sides of a comparison."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformer.config import Config, ModelConfig
+from transformer.data import Batch
+from transformer.model import Transformer
+from transformer.tokenizer import PAD_ID
+from transformer.train import TranslationLoss
+
+V, D, H, F, N_ENC, N_DEC = 40, 16, 2, 24, 2, 3
+
+
+def load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark"] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = load_benchmark()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def n_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def padded_batch() -> Batch:
+    """Three pairs of different lengths, right-padded, with source and target widths that differ."""
+    generator = torch.Generator().manual_seed(0)
+    src = torch.randint(4, V, (3, 7), generator=generator)
+    src[1, 5:] = PAD_ID
+    src[2, 3:] = PAD_ID
+    tgt_in = torch.randint(4, V, (3, 5), generator=generator)
+    tgt_in[0, 4:] = PAD_ID
+    tgt_in[2, 2:] = PAD_ID
+    tgt_out = tgt_in.roll(-1, dims=1)
+    tgt_out[tgt_in.eq(PAD_ID)] = PAD_ID
+    return Batch(src, tgt_in, tgt_out, int(src.ne(PAD_ID).sum()), int(tgt_out.ne(PAD_ID).sum()))
+
+
+@pytest.mark.parametrize("full_logits", [False, True])
+def test_training_flops_match_flop_counter(full_logits):
+    torch.manual_seed(0)
+    if full_logits:
+        trainer = benchmark.TorchTransformerLoss(V, D, H, F, N_ENC, N_DEC)
+    else:
+        trainer = TranslationLoss(Transformer(V, V, D, H, F, N_ENC, N_DEC, share_embeddings=True), 0.1)
+    batch = padded_batch()
+    B, T = batch.tgt_in.shape
+    rows = B * T if full_logits else batch.n_tgt_tokens
+    analytic = benchmark.training_flops(B, batch.src.size(1), T, rows, D, F, N_ENC, N_DEC, V)
+    wrong_rows = benchmark.training_flops(B, batch.src.size(1), T, B * T + batch.n_tgt_tokens - rows, D, F, N_ENC,
+                                          N_DEC, V)
+    counted = benchmark.counted_flops(trainer, batch)
+    # Matmul FLOPs are whole numbers fixed by the shapes: the count must be exact, and counting
+    # logits at the other set of target positions must be detectably wrong.
+    assert analytic == counted
+    assert wrong_rows != counted
+
+
+def test_peer_has_our_parameters():
+    """Same matrices on both sides; nn.Transformer only adds a final LayerNorm per stack."""
+    ours = Transformer(V, V, D, H, F, N_ENC, N_DEC, share_embeddings=True)
+    peer = benchmark.TorchTransformerLoss(V, D, H, F, N_ENC, N_DEC)
+    assert n_parameters(peer) - n_parameters(ours) == 2 * 2 * D
+
+
+def test_decoders_run_the_same_number_of_steps():
+    """Ours (with and without cache) and Hugging Face's decoder each run the source width S steps."""
+    cfg = Config(model=ModelConfig(d_model=D, n_heads=H, d_ff=F, n_encoder_layers=1, n_decoder_layers=1))
+    src = padded_batch().src
+    S = benchmark.steps_for(src)
+
+    torch.manual_seed(0)
+    ours = Transformer.from_config(cfg.model, V, V, PAD_ID).eval()
+    calls = []
+    decode = ours.decode
+    ours.decode = lambda tgt, *args: calls.append(tgt.shape) or decode(tgt, *args)
+    benchmark.decode_ours(ours, src, beam_size=2, use_cache=True)
+    assert len(calls) == S and all(shape == (src.size(0) * 2, 1) for shape in calls)
+    calls.clear()
+    benchmark.decode_ours(ours, src, beam_size=2, use_cache=False)
+    assert [shape[1] for shape in calls] == list(range(1, S + 1))
+
+    marian = benchmark.hf_marian(cfg, V)
+    hf_calls = []
+    marian.model.decoder.register_forward_pre_hook(lambda module, args: hf_calls.append(1))
+    benchmark.decode_hf(marian, src, beam_size=2)
+    assert len(hf_calls) == S
