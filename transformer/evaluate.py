@@ -38,6 +38,7 @@ def evaluate(
     loaded: LoadedModel, src_texts: Sequence[str], ref_texts: Sequence[str], beam_size: int = 4,
     length_penalty: float = 0.6, max_len_a: float = 1.0, max_len_b: int = 50, batch_tokens: int = 8000,
     tokenize: str = "13a", lowercase: bool = False, device: torch.device | str | None = None,
+    use_cache: bool = True,
 ) -> dict[str, Any]:
     """Translate `src_texts` and score the translations against `ref_texts`.
 
@@ -50,6 +51,7 @@ def evaluate(
             `transformer.translator.translate`.
         tokenize: sacreBLEU tokenizer for BLEU (one of `TOKENIZERS`).
         lowercase: case-insensitive scores.
+        use_cache: decode with the key/value cache (False: recompute every prefix, same output).
 
     Returns:
         {"bleu", "chrf": corpus scores; "signatures": {"bleu", "chrf"}: sacreBLEU signatures;
@@ -64,7 +66,7 @@ def evaluate(
     start = time.perf_counter()
     hypotheses = translate(
         loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, src_texts, beam_size, length_penalty,
-        max_len_a, max_len_b, batch_tokens, device, max_src_len=loaded.config.model.max_len,
+        max_len_a, max_len_b, batch_tokens, device, max_src_len=loaded.config.model.max_len, use_cache=use_cache,
     )
     seconds = time.perf_counter() - start
     bleu, chrf = BLEU(tokenize=tokenize, lowercase=lowercase), CHRF(lowercase=lowercase)
@@ -102,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lowercase", action="store_true", help="case-insensitive scores")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="recompute the whole prefix at every step instead of using the key/value cache")
     return parser
 
 
@@ -135,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  ("batch_tokens", args.batch_tokens)) if v is not None},
         )
         result = evaluate(loaded, src_texts, ref_texts, decode.beam_size, decode.length_penalty, decode.max_len_a,
-                          decode.max_len_b, decode.batch_tokens, args.tokenize, args.lowercase, device)
+                          decode.max_len_b, decode.batch_tokens, args.tokenize, args.lowercase, device,
+                          use_cache=not args.no_cache)
         output = args.output or Path(args.checkpoint[-1]).parent / f"hyp.{name}.txt"
         output.write_text("".join(h + "\n" for h in result.pop("hypotheses")), encoding="utf-8")
     except (CheckpointError, DataError, OSError) as e:

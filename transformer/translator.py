@@ -53,6 +53,7 @@ def source_ids(
 def translate_ids(
     model: Transformer, sources: Sequence[Sequence[int]], beam_size: int = 4, length_penalty: float = 0.6,
     max_len_a: float = 1.0, max_len_b: int = 50, batch_tokens: int = 8000, device: torch.device | str | None = None,
+    use_cache: bool = True,
 ) -> list[list[int]]:
     """Search the best output ids for each source, in batches of similar length.
 
@@ -64,6 +65,8 @@ def translate_ids(
         max_len_a, max_len_b: maximum output length a * source length + b (see `transformer.search`).
         batch_tokens: padded source tokens per batch (a longer sentence gets a batch of its own).
         device: where to run; the model must be there already. None: the model's device.
+        use_cache: decode incrementally with the key/value cache (False recomputes every prefix:
+            the same outputs, slower; for checks and benchmarks).
 
     Returns:
         Output ids per source, without BOS and EOS, in input order.
@@ -80,10 +83,10 @@ def translate_ids(
             src[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         src = src.to(device)
         if beam_size == 1:
-            found = greedy_search(model, src, max_len_a, max_len_b, bos_id=BOS_ID, eos_id=EOS_ID)
+            found = greedy_search(model, src, max_len_a, max_len_b, bos_id=BOS_ID, eos_id=EOS_ID, use_cache=use_cache)
         else:
             hypotheses = beam_search(model, src, beam_size, length_penalty, max_len_a, max_len_b,
-                                     bos_id=BOS_ID, eos_id=EOS_ID)
+                                     bos_id=BOS_ID, eos_id=EOS_ID, use_cache=use_cache)
             found = [h[0].tokens for h in hypotheses]
         for j, ids in zip(batch, found):
             outputs[nonempty[j]] = ids
@@ -94,7 +97,7 @@ def translate(
     model: Transformer, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer, sentences: Sequence[str],
     beam_size: int = 4, length_penalty: float = 0.6, max_len_a: float = 1.0, max_len_b: int = 50,
     batch_tokens: int = 8000, device: torch.device | str | None = None, max_src_len: int | None = None,
-    first_line: int = 1,
+    first_line: int = 1, use_cache: bool = True,
 ) -> list[str]:
     """Translate sentences to detokenized text, in input order.
 
@@ -106,6 +109,7 @@ def translate(
         max_src_len: longest source in tokens, EOS included; longer ones are truncated with a
             warning. None: the model's number of learned positions, or no limit for sinusoidal ones.
         first_line: line number of `sentences[0]` in warnings (for callers that stream a file).
+        use_cache: see `translate_ids`.
 
     Returns:
         One translation per sentence.
@@ -113,6 +117,8 @@ def translate(
     if max_src_len is None:
         max_src_len = position_limit(model)
     sources = source_ids(src_tokenizer, sentences, max_src_len, first_line)
-    outputs = translate_ids(model, sources, beam_size, length_penalty, max_len_a, max_len_b, batch_tokens, device)
+    outputs = translate_ids(
+        model, sources, beam_size, length_penalty, max_len_a, max_len_b, batch_tokens, device, use_cache
+    )
     return [tgt_tokenizer.decode(ids) for ids in outputs]
 
