@@ -18,14 +18,14 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_metrics(metrics_path: str | Path, output: str | Path) -> None:
-    """Plot training loss, validation loss and validation BLEU against the step.
+    """Plot training and validation loss against the step, and validation BLEU against minutes.
 
     Args:
-        metrics_path: JSON lines with "step" and any of "loss", "valid_loss", "valid_bleu".
+        metrics_path: JSON lines with "step", "minutes" and any of "loss", "valid_loss", "valid_bleu".
         output: the PNG to write.
     """
     rows = read_metrics(metrics_path)
-    series = {key: [(r["step"], r[key]) for r in rows if key in r] for key in ("loss", "valid_loss", "valid_bleu")}
+    series = {key: [(r["step"], r[key]) for r in rows if key in r] for key in ("loss", "valid_loss")}
     fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("loss", "training loss"), ("valid_loss", "validation loss")):
         if series[key]:
@@ -33,9 +33,10 @@ def plot_metrics(metrics_path: str | Path, output: str | Path) -> None:
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("label-smoothed cross entropy (nats/token)")
     ax_loss.legend()
-    if series["valid_bleu"]:
-        ax_bleu.plot(*zip(*series["valid_bleu"]), marker="o")
-    ax_bleu.set_xlabel("step")
+    bleu = [(r["minutes"], r["valid_bleu"]) for r in rows if "valid_bleu" in r]
+    if bleu:
+        ax_bleu.plot(*zip(*bleu), marker="o")
+    ax_bleu.set_xlabel("minutes of training (validation pauses excluded)")
     ax_bleu.set_ylabel("validation BLEU")
     fig.tight_layout()
     fig.savefig(output, dpi=100)

@@ -106,8 +106,12 @@ def _next_log_probs(
     logits = model.decode(tokens, memory, src_mask, cache)[:, -1]  # (R, V)
     log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1)
     log_probs[:, [model.pad_id, bos_id]] = -math.inf
-    not_eos = torch.arange(log_probs.size(-1), device=log_probs.device) != eos_id
-    return log_probs.masked_fill(forced_eos.unsqueeze(1) & not_eos, -math.inf)
+    if forced_eos.any():  # rare: only rows at their length limit, so touch just those rows
+        rows = forced_eos.nonzero().squeeze(1)
+        eos = log_probs[rows, eos_id]
+        log_probs[rows] = -math.inf
+        log_probs[rows, eos_id] = eos
+    return log_probs
 
 
 @torch.inference_mode()
