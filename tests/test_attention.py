@@ -52,8 +52,8 @@ def test_causal_with_padding_matches_torch():
     x = torch.randn(3, 6, D, dtype=torch.float64)
     mask = padding(3, 6)
     out, _ = ours(x, key_padding_mask=mask, causal=True)
-    expected, _ = ref(x, x, x, key_padding_mask=mask,
-                      attn_mask=nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64))
+    future = torch.ones(6, 6, dtype=torch.bool).triu(1)  # True = not allowed, as torch expects
+    expected, _ = ref(x, x, x, key_padding_mask=mask, attn_mask=future)
     keep = ~mask  # rows of padded queries are irrelevant; compare the real positions
     torch.testing.assert_close(out[keep], expected[keep], atol=1e-10, rtol=0)
 

@@ -20,7 +20,8 @@ from transformer.data import (
 )
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
-MULTI30K = "/work/shared/data/multi30k"
+# shared/ lies beside the repository, in development and in CI.
+MULTI30K = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k")
 
 
 def _cfg(folder: Path, **kw) -> DataConfig:

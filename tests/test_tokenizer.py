@@ -19,7 +19,8 @@ from transformer.tokenizer import (
     train_tokenizer,
 )
 
-MULTI30K = Path("/work/shared/data/multi30k")
+# shared/ lies beside the repository, in development and in CI.
+MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 N_TRAIN = 3000  # enough for a realistic vocabulary, small enough to train in well under a second
 
 
