@@ -22,7 +22,7 @@ from torch import Tensor
 
 from transformer.checkpoint import load_model
 from transformer.tokenizer import BOS_ID
-from transformer.runtime import resolve_device
+from transformer.cli import add_model_arguments, decode_settings, prepare
 from transformer.translator import source_ids, translate_ids
 
 logger = logging.getLogger(__name__)
@@ -69,14 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformer-attention", description="Translate a sentence and draw all its attention maps."
     )
-    parser.add_argument("--checkpoint", action="extend", nargs="+", required=True, metavar="CKPT",
-                        help="checkpoint file; several are averaged")
+    add_model_arguments(parser, batch_tokens=False)
     parser.add_argument("--sentence", required=True, help="source sentence")
     parser.add_argument("--output", type=Path, default=Path("attention.png"),
                         help="image file; its suffix picks the format (default: attention.png)")
-    parser.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's)")
-    parser.add_argument("--alpha", type=float, help="length penalty alpha (default: the checkpoint's)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     return parser
 
 
@@ -84,24 +80,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point of `transformer-attention`."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.beam is not None and args.beam < 1:
-        parser.error("--beam must be >= 1")
-    if args.alpha is not None and args.alpha < 0:
-        parser.error("--alpha must be >= 0")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        parser.error(str(e))
+    device = prepare(parser, args)
     try:
         loaded = load_model(args.checkpoint, device)
         source = source_ids(loaded.src_tokenizer, [args.sentence], loaded.config.model.max_len)[0]
         if not source:
             raise ValueError("--sentence is empty")
-        decode = loaded.config.decode
-        beam = decode.beam_size if args.beam is None else args.beam
-        alpha = decode.length_penalty if args.alpha is None else args.alpha
-        output_ids = translate_ids(loaded.model, [source], beam, alpha, decode.max_len_a, decode.max_len_b,
+        decode = decode_settings(loaded.config.decode, args)
+        output_ids = translate_ids(loaded.model, [source], decode.beam_size, decode.length_penalty,
+                                   decode.max_len_a, decode.max_len_b,
                                    device=device)[0]
         target = [BOS_ID] + output_ids
         maps = loaded.model.attention_maps(torch.tensor([source], device=device), torch.tensor([target], device=device))

@@ -9,7 +9,6 @@ against the references with sacreBLEU, whose signatures make the scores reproduc
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -22,7 +21,7 @@ from sacrebleu.metrics import BLEU, CHRF
 
 from transformer.checkpoint import CheckpointError, load_model
 from transformer.data import DataError, read_lines, load_split
-from transformer.runtime import keep_freed_memory, resolve_device
+from transformer.cli import add_model_arguments, decode_settings, prepare
 from transformer.translator import translate
 
 if TYPE_CHECKING:
@@ -89,21 +88,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformer-evaluate", description="Translate a test set and report sacreBLEU BLEU and chrF."
     )
-    parser.add_argument("--checkpoint", action="extend", nargs="+", required=True, metavar="CKPT",
-                        help="checkpoint file; several are averaged")
+    add_model_arguments(parser)
     parser.add_argument("--split", choices=("test", "valid"), default="test",
                         help="split of the checkpoint's data config (default: test)")
     parser.add_argument("--src", type=Path, help="source file, one sentence per line (instead of --split)")
     parser.add_argument("--ref", type=Path, help="reference file aligned with --src")
-    parser.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's)")
-    parser.add_argument("--alpha", type=float, help="length penalty alpha (default: the checkpoint's)")
-    parser.add_argument("--batch-tokens", type=int, help="source tokens per batch (default: the checkpoint's)")
     parser.add_argument("--output", type=Path,
                         help="hypothesis file (default: hyp.SPLIT.txt next to the last checkpoint)")
     parser.add_argument("--tokenize", choices=TOKENIZERS, default="13a", help="sacreBLEU tokenizer for BLEU")
     parser.add_argument("--lowercase", action="store_true", help="case-insensitive scores")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute the whole prefix at every step instead of using the key/value cache")
     return parser
@@ -113,19 +107,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point of `transformer-evaluate`."""
     parser = _parser()
     args = parser.parse_args(argv)
-    keep_freed_memory()
     if (args.src is None) != (args.ref is None):
         parser.error("--src and --ref go together")
-    for name in ("beam", "batch_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.alpha is not None and args.alpha < 0:
-        parser.error("--alpha must be >= 0")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        parser.error(str(e))
+    device = prepare(parser, args)
     try:
         loaded = load_model(args.checkpoint, device)
         if args.src is not None:
@@ -133,11 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             src_texts, ref_texts = load_split(loaded.config.data, args.split)
             name = args.split
-        decode = dataclasses.replace(
-            loaded.config.decode,
-            **{k: v for k, v in (("beam_size", args.beam), ("length_penalty", args.alpha),
-                                 ("batch_tokens", args.batch_tokens)) if v is not None},
-        )
+        decode = decode_settings(loaded.config.decode, args)
         result = evaluate(loaded, src_texts, ref_texts, decode.beam_size, decode.length_penalty, decode.max_len_a,
                           decode.max_len_b, decode.batch_tokens, args.tokenize, args.lowercase, device,
                           use_cache=not args.no_cache)

@@ -9,7 +9,6 @@ as it is entered. Lines longer than the model's positions are truncated with a w
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import logging
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
 from transformer.checkpoint import CheckpointError, load_model
-from transformer.runtime import keep_freed_memory, resolve_device
+from transformer.cli import add_model_arguments, decode_settings, prepare
 from transformer.translator import translate
 
 logger = logging.getLogger(__name__)
@@ -61,13 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformer-translate", description="Translate one sentence per line from stdin or a file."
     )
-    parser.add_argument("--checkpoint", action="extend", nargs="+", required=True, metavar="CKPT",
-                        help="checkpoint file; several are averaged")
+    add_model_arguments(parser)
     parser.add_argument("--input", type=Path, help="input file (default: standard input)")
-    parser.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's)")
-    parser.add_argument("--alpha", type=float, help="length penalty alpha (default: the checkpoint's)")
-    parser.add_argument("--batch-tokens", type=int, help="source tokens per batch (default: the checkpoint's)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     return parser
 
 
@@ -75,24 +69,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point of `transformer-translate`."""
     parser = _parser()
     args = parser.parse_args(argv)
-    keep_freed_memory()
-    for name in ("beam", "batch_tokens"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.alpha is not None and args.alpha < 0:
-        parser.error("--alpha must be >= 0")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        device = resolve_device(args.device)
-    except ValueError as e:
-        parser.error(str(e))
+    device = prepare(parser, args)
     try:
         loaded = load_model(args.checkpoint, device)
-        decode = dataclasses.replace(
-            loaded.config.decode,
-            **{k: v for k, v in (("beam_size", args.beam), ("length_penalty", args.alpha),
-                                 ("batch_tokens", args.batch_tokens)) if v is not None},
-        )
+        decode = decode_settings(loaded.config.decode, args)
         if args.input is None:
             stream, name, interactive = sys.stdin.buffer, "<stdin>", sys.stdin.isatty()
         else:
