@@ -69,6 +69,36 @@ def test_cross_attention_with_padding_matches_torch():
     torch.testing.assert_close(weights, expected_weights, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("T", [1, 3])  # one query per row (a decoding step) and several
+def test_memory_shared_by_groups_of_query_rows_equals_repeated_memory(T):
+    ours, _ = pair()
+    g = 4  # query rows per memory row, as beam search's hypotheses share their sentence's memory
+    q = torch.randn(3 * g, T, D, dtype=torch.float64)
+    memory = torch.randn(3, 9, D, dtype=torch.float64)
+    mask = padding(3, 9)
+    repeated = memory.repeat_interleave(g, 0), mask.repeat_interleave(g, 0)
+    for need_weights in (False, True):
+        out, weights = ours(q, memory, key_padding_mask=mask, need_weights=need_weights)
+        expected, expected_weights = ours(q, *repeated[:1], key_padding_mask=repeated[1], need_weights=need_weights)
+        torch.testing.assert_close(out, expected, atol=1e-10, rtol=0)
+        if need_weights:
+            torch.testing.assert_close(weights, expected_weights, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="multiple of the memory batch"):
+        ours(q[:5], memory, key_padding_mask=mask)
+
+
+def test_self_attention_cache_grows_past_its_first_capacity():
+    from transformer.model import AttentionCache
+
+    ours, _ = pair()
+    x = torch.randn(2, 40, D, dtype=torch.float64)  # more positions than the initial storage holds
+    full, _ = ours(x, causal=True)
+    cache = AttentionCache()
+    steps = [ours(x[:, t : t + 1], causal=True, cache=cache)[0] for t in range(40)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-10, rtol=0)
+    assert cache.length == 40 and cache.key.shape == (2, H, 40, D // H)
+
+
 def test_weights_path_equals_fused_path():
     ours, _ = pair()
     x = torch.randn(2, 6, D, dtype=torch.float64)

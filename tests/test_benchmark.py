@@ -90,8 +90,8 @@ def test_decoders_run_the_same_number_of_steps():
     torch.manual_seed(0)
     ours = Transformer.from_config(cfg.model, V, V, PAD_ID).eval()
     calls = []
-    decode = ours.decode
-    ours.decode = lambda tgt, *args: calls.append(tgt.shape) or decode(tgt, *args)
+    decode_hidden = ours.decode_hidden
+    ours.decode_hidden = lambda tgt, *args: calls.append(tgt.shape) or decode_hidden(tgt, *args)
     benchmark.decode_ours(ours, src, beam_size=2, use_cache=True)
     assert len(calls) == S and all(shape == (src.size(0) * 2, 1) for shape in calls)
     calls.clear()

@@ -119,7 +119,10 @@ class FixedDecoder(nn.Module):
     def new_cache(self) -> DecoderCache:
         return DecoderCache.empty(1)
 
-    def decode(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Tensor, cache=None) -> Tensor:
+    def project(self, hidden: Tensor) -> Tensor:
+        return hidden  # decode_hidden already gives the log-probabilities
+
+    def decode_hidden(self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Tensor, cache=None) -> Tensor:
         assert cache is None, "FixedDecoder needs the whole prefix"
         self.steps += 1
         probs = torch.zeros(tgt.size(0), tgt.size(1), self.vocab, dtype=torch.float64)
@@ -235,13 +238,13 @@ def test_finished_sentences_leave_the_batch():
     model = random_model(2)
     src = random_source(2, [2, 9, 4, 6])
     rows: list[int] = []
-    decode = model.decode
+    decode_hidden = model.decode_hidden
 
     def spy(tgt: Tensor, *args, **kwargs) -> Tensor:
         rows.append(tgt.size(0))
-        return decode(tgt, *args, **kwargs)
+        return decode_hidden(tgt, *args, **kwargs)
 
-    model.decode = spy
+    model.decode_hidden = spy
     outputs = greedy_search(model, src, max_len_a=0.0, max_len_b=12)
     assert rows[0] == 4 and rows == sorted(rows, reverse=True)
     assert len(rows) == max(len(y) for y in outputs) + 1

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from transformer import evaluate, translate
 from transformer import train as train_module
 from transformer.checkpoint import load_checkpoint, run_checkpoints
-from transformer.config import load_config
+from transformer.config import ConfigError, TrainConfig, load_config
 from transformer.data import BatchSampler, make_batches
 from transformer.model import Transformer
-from transformer.schedule import noam_lr
+from transformer.schedule import cooldown_factor, noam_lr
 from transformer.tokenizer import PAD_ID
 from transformer.train import TrainingError, TranslationLoss, main, train
 
@@ -109,6 +109,7 @@ def overrides(corpus: Path, run_dir: Path, **changes: Any) -> list[str]:
         "train.output_dir": run_dir, "train.seed": 1, "train.device": "cpu", "train.threads": 1,
         "train.precision": "fp32", "train.max_tokens": 300, "train.accumulate": 1, "train.max_steps": MAX_STEPS,
         "train.max_epochs": 0, "train.max_minutes": 0, "train.lr_scale": 1, "train.warmup_steps": 10,
+        "train.cooldown": 0.2,
         "train.clip_norm": 0, "train.weight_decay": 0, "train.label_smoothing": 0.1, "train.log_every": 5,
         "train.eval_every": 10, "train.eval_bleu_sentences": 20, "train.save_every": 5, "train.keep_last": 5,
         "train.average_last": 2, "train.patience": 0, "train.max_nonfinite": 10,
@@ -178,6 +179,9 @@ def test_a_run_writes_its_outputs_and_the_tools_use_them(reference, corpus, caps
         assert 0 <= r["valid_bleu"] <= 100
     assert training[-1]["loss"] < training[0]["loss"]  # it learns something
     assert training[1]["lr"] == pytest.approx(noam_lr(10, 32, 10))
+    # The last 20% of the 30 steps cool down linearly: step 30 runs at (1 - 29/30) / 0.2 of the schedule.
+    assert training[3]["lr"] == pytest.approx(noam_lr(20, 32, 10))
+    assert training[-1]["lr"] == pytest.approx(noam_lr(30, 32, 10) * (1 - 29 / 30) / 0.2)
 
     capsys.readouterr()
     evaluate.main(["--checkpoint", str(checkpoints / "final.pt"), "--json", "--device", "cpu"])
@@ -409,6 +413,31 @@ def test_noam_lr_is_the_papers_formula_and_peaks_after_warmup():
     assert all(a < b for a, b in itertools.pairwise(rates[:1000]))  # linear warm-up
     assert all(a > b for a, b in itertools.pairwise(rates[999:]))  # inverse-sqrt decay
     assert noam_lr(0, 512, 4000) == noam_lr(1, 512, 4000)
+
+
+def test_cooldown_takes_the_rate_linearly_to_zero_over_the_end_of_the_budget():
+    assert cooldown_factor(0.5, 0.0) == 1.0 and cooldown_factor(1.0, 0.0) == 1.0  # off
+    assert [cooldown_factor(p, 0.2) for p in (0.0, 0.8, 0.9, 0.95, 1.0)] == pytest.approx([1, 1, 0.5, 0.25, 0])
+    assert cooldown_factor(1.5, 0.2) == 0.0
+
+
+def test_budget_used_is_the_most_advanced_of_the_limits_set():
+    position = train_module.Position(step=50, epoch=1, batch=5, elapsed=30.0)
+    tc = TrainConfig(max_steps=200, max_epochs=0, max_minutes=0)
+    assert train_module.budget_used(tc, position, 10) == pytest.approx(0.25)
+    tc = TrainConfig(max_steps=200, max_epochs=3, max_minutes=0)
+    assert train_module.budget_used(tc, position, 10) == pytest.approx(0.5)  # 1.5 of 3 epochs
+    tc = TrainConfig(max_steps=0, max_epochs=0, max_minutes=0.75)
+    assert train_module.budget_used(tc, position, 10) == pytest.approx(30 / 45)
+    tc = TrainConfig(max_steps=40, max_epochs=0, max_minutes=0)
+    assert train_module.budget_used(tc, position, 10) == 1.0
+
+
+def test_cooldown_needs_a_budget(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="train.cooldown needs a budget"):
+        load_config(CONFIG, overrides(corpus, tmp_path, train_max_steps=0, train_cooldown=0.1))
+    with pytest.raises(ConfigError, match=r"train.cooldown must be in \[0, 1\]"):
+        load_config(CONFIG, overrides(corpus, tmp_path, train_cooldown=1.5))
 
 
 def test_translation_loss_equals_cross_entropy_over_all_positions():

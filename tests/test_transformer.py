@@ -55,6 +55,28 @@ def test_cache_select_follows_reordered_rows():
     torch.testing.assert_close(step[:, 0], full[:, 4], atol=1e-5, rtol=0)
 
 
+def test_beam_rows_share_one_memory_row_per_sentence():
+    # Beam search keeps K hypotheses per sentence over one copy of the sentence's memory; the cache
+    # reorders hypotheses inside a sentence and drops whole sentences, as the search does.
+    model = tiny()
+    src, tgt = batch()
+    K = 2
+    with torch.no_grad():
+        memory, mask = model.encode(src), model.padding_mask(src)
+        rows = tgt.repeat_interleave(K, 0)
+        rows[1::K, 1:] = torch.randint(4, 30, (3, 7))  # the second hypothesis differs
+        cache = model.new_cache()
+        model.decode(rows[:, :3], memory, mask, cache)
+        cache.reorder_beams(torch.tensor([1, 1, 2, 3, 5, 4]))  # moves stay within each sentence
+        kept_sentences = torch.tensor([0, 2])
+        kept_rows = torch.tensor([0, 1, 4, 5])
+        cache.select(kept_rows, memory_index=kept_sentences)
+        order = torch.tensor([1, 1, 2, 3, 5, 4])[kept_rows]
+        step = model.decode(rows[order, 3:4], memory[kept_sentences], mask[kept_sentences], cache)
+        full = model.decode(torch.cat([rows[order, :3], rows[order, 3:4]], 1), memory[order // K], mask[order // K])
+    torch.testing.assert_close(step[:, 0], full[:, 3], atol=1e-5, rtol=0)
+
+
 def test_future_target_tokens_do_not_change_earlier_logits():
     model = tiny()
     src, tgt = batch()

@@ -84,34 +84,45 @@ def _check_lengths(max_len_a: float, max_len_b: int) -> None:
         raise ValueError(f"max_len_a and max_len_b must be >= 0, got {max_len_a} and {max_len_b}")
 
 
-def _next_log_probs(
+def _best_next_tokens(
     model: Transformer, prefix: Tensor, memory: Tensor, src_mask: Tensor, cache: DecoderCache | None,
-    forced_eos: Tensor, bos_id: int, eos_id: int,
-) -> Tensor:
-    """Log-probabilities of the next token after each prefix, with the search's token constraints.
+    forced_eos: Tensor, bos_id: int, eos_id: int, k: int, normalise: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The k most probable next tokens after each prefix, under the search's token constraints.
+
+    Padding and BOS are never allowed, and rows in `forced_eos` allow only EOS (their other
+    entries are -inf). Log-probabilities are the model's own, log p(v) = logit(v) - logsumexp
+    over all logits, not renormalised after the constraints; they are computed in float32, or in
+    the model's dtype if wider.
 
     Args:
         prefix: (R, t) every row's tokens so far, BOS first.
-        memory: (R, S, D) encoder output per row.
-        src_mask: (R, S) True at source padding.
+        memory: (R', S, D) encoder output: one row per prefix row, or one per sentence shared by
+            R / R' consecutive rows (beam search's hypotheses).
+        src_mask: (R', S) True at source padding.
         cache: a `DecoderCache` holding positions 0 .. t-2 (only the last token is fed), or None to
             decode the whole prefix.
         forced_eos: (R,) bool, rows at their maximum length, for which only EOS is allowed.
+        k: tokens wanted per row; min(k, V) are returned.
+        normalise: False skips the log-sum-exp and returns constrained logits instead of
+            log-probabilities (enough to rank the tokens of one row, as greedy search does).
 
     Returns:
-        (R, V) log-probabilities, float32 or the model's dtype if wider; -inf at padding and BOS
-        everywhere and at every token but EOS in `forced_eos` rows.
+        log-probabilities (R, min(k, V)), best first, and their token ids (R, min(k, V)).
     """
     tokens = prefix if cache is None else prefix[:, -1:]
-    logits = model.decode(tokens, memory, src_mask, cache)[:, -1]  # (R, V)
-    log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1)
-    log_probs[:, [model.pad_id, bos_id]] = -math.inf
+    hidden = model.decode_hidden(tokens, memory, src_mask, cache)[:, -1]  # (R, D)
+    logits = model.project(hidden)  # (R, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_z = logits.logsumexp(dim=-1, keepdim=True) if normalise else None
+    logits[:, [model.pad_id, bos_id]] = -math.inf
     if forced_eos.any():  # rare: only rows at their length limit, so touch just those rows
         rows = forced_eos.nonzero().squeeze(1)
-        eos = log_probs[rows, eos_id]
-        log_probs[rows] = -math.inf
-        log_probs[rows, eos_id] = eos
-    return log_probs
+        eos = logits[rows, eos_id]
+        logits[rows] = -math.inf
+        logits[rows, eos_id] = eos
+    scores, ids = logits.topk(min(k, logits.size(-1)), dim=-1)
+    return (scores if log_z is None else scores - log_z), ids
 
 
 @torch.inference_mode()
@@ -141,8 +152,9 @@ def greedy_search(
     outputs: list[list[int]] = [[] for _ in range(src.size(0))]
     step = 0
     while sentences:
-        log_probs = _next_log_probs(model, prefix, memory, src_mask, cache, max_lengths == step, bos_id, eos_id)
-        prefix = torch.cat([prefix, log_probs.argmax(dim=-1, keepdim=True)], dim=1)
+        _, best = _best_next_tokens(model, prefix, memory, src_mask, cache, max_lengths == step, bos_id, eos_id, k=1,
+                                    normalise=False)
+        prefix = torch.cat([prefix, best], dim=1)
         finished = prefix[:, -1] == eos_id
         if finished.any():
             for i, row in zip(finished.nonzero().squeeze(1).tolist(), prefix[finished, 1:-1].tolist()):
@@ -204,8 +216,8 @@ def beam_search(
     K, device = beam_size, src.device
     memory, src_mask = model.encode(src), model.padding_mask(src)
     max_lengths = _max_output_lengths(model, src_mask, max_len_a, max_len_b)
-    # K rows per sentence: (N, ...) -> (N * K, ...), the K rows of a sentence adjacent.
-    memory, src_mask = memory.repeat_interleave(K, dim=0), src_mask.repeat_interleave(K, dim=0)
+    # K rows per sentence, adjacent: row n * K + k is hypothesis k of sentence n. The K rows share
+    # the sentence's one row of `memory` (see `MultiHeadAttention`), which is never repeated.
     sentences = list(range(src.size(0)))  # original index of each active sentence
     prefix = torch.full((src.size(0) * K, 1), bos_id, dtype=torch.long, device=device)
     dtype = torch.promote_types(memory.dtype, torch.float32)  # that of the log-probs
@@ -222,11 +234,14 @@ def beam_search(
     while sentences:
         N = len(sentences)
         forced_eos = (max_lengths == step).repeat_interleave(K)
-        log_probs = _next_log_probs(model, prefix, memory, src_mask, cache, forced_eos, bos_id, eos_id)
-        V = log_probs.size(-1)
-        candidates = (scores.view(N * K, 1) + log_probs).view(N, K * V)
+        # The best 2K of a sentence's K * V extensions are among the best 2K of each row, so rank
+        # only those: (N * K, W) per row, then (N, K * W) per sentence, W = min(2K, V).
+        row_log_probs, row_tokens = _best_next_tokens(model, prefix, memory, src_mask, cache, forced_eos, bos_id,
+                                                      eos_id, k=2 * K)
+        W = row_log_probs.size(1)
+        candidates = (scores.view(N * K, 1) + row_log_probs).view(N, K * W)
         top_scores, top_index = candidates.topk(2 * K, dim=1)  # (N, 2K), best first
-        beams, tokens = top_index // V, top_index % V
+        beams, tokens = top_index // W, row_tokens.view(N, K * W).gather(1, top_index)
         is_eos = tokens == eos_id
         rows = torch.arange(N, device=device).unsqueeze(1) * K + beams  # (N, 2K) rows in the batch
 
@@ -261,9 +276,9 @@ def beam_search(
             max_lengths, scores = max_lengths[active], scores[active]
             threshold, n_finished = threshold[active], n_finished[active]
             prefix = prefix[active_rows]
-            memory, src_mask = memory.index_select(0, active_rows), src_mask.index_select(0, active_rows)
+            memory, src_mask = memory.index_select(0, active), src_mask.index_select(0, active)
             if cache is not None:
-                cache.select(active_rows)
+                cache.select(active_rows, memory_index=active)
         step += 1
     return [sorted(hypotheses, key=lambda h: -h.score)[:n_best] for hypotheses in finished]
 

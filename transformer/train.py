@@ -32,12 +32,12 @@ from .checkpoint import (
     CheckpointError, checkpoint_tokenizers, load_checkpoint, run_checkpoints, save_averaged, save_checkpoint,
     tokenizer_state,
 )
-from .config import Config, ConfigError, config_to_dict, load_config, save_config
+from .config import Config, ConfigError, TrainConfig, config_to_dict, load_config, save_config
 from .data import BatchSampler, DataError, ParallelData, collate, encode_pairs, load_split, make_batches
 from .model import Transformer
 from .plot import plot_metrics
 from .runtime import keep_freed_memory, resolve_device
-from .schedule import noam_lr
+from .schedule import cooldown_factor, noam_lr
 from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers, load_or_train_tokenizers
 from .translator import translate
 
@@ -232,6 +232,18 @@ def _reduce(value: float, world_size: int, op: dist.ReduceOp = dist.ReduceOp.SUM
     return tensor.item()
 
 
+def budget_used(tc: TrainConfig, position: Position, epoch_batches: int) -> float:
+    """Fraction of the training budget spent so far: the largest over the step, epoch and minute limits set."""
+    fractions = [0.0]
+    if tc.max_steps:
+        fractions.append(position.step / tc.max_steps)
+    if tc.max_epochs:
+        fractions.append((position.epoch + position.batch / max(epoch_batches, 1)) / tc.max_epochs)
+    if tc.max_minutes:
+        fractions.append(position.elapsed / (tc.max_minutes * 60))
+    return min(1.0, max(fractions))
+
+
 def train(cfg: Config, resume: bool = False) -> Path:
     """Train as `cfg` says, resuming from the run directory's latest checkpoint if `resume`.
 
@@ -329,6 +341,10 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 position.batch += 1
             step_tokens = _reduce(sum(b.n_tgt_tokens for b in micro), world_size)
             lr = noam_lr(position.step + 1, cfg.model.d_model, tc.warmup_steps, tc.lr_scale)
+            if tc.cooldown:
+                # Ranks may disagree on elapsed time; they must agree on the learning rate.
+                used = _reduce(budget_used(tc, position, len(epoch_batches)), world_size, dist.ReduceOp.MAX)
+                lr *= cooldown_factor(used, tc.cooldown)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = 0.0

@@ -15,10 +15,18 @@ from torch import Tensor
 
 @dataclass
 class AttentionCache:
-    """Keys and values of one attention layer, each (B, H, L, d_k); None until first filled."""
+    """Keys and values of one attention layer, each (B, H, L, d_k); None until first filled.
+
+    Appended entries live in storage with room for more positions, (B, H, capacity, d_k), of which
+    `key` and `value` are views of the first L positions: an append writes only the new positions,
+    and grows the storage geometrically when it is full, so a T-step decode copies O(T) positions
+    for appends rather than the O(T^2) of concatenating at every step.
+    """
 
     key: Tensor | None = None
     value: Tensor | None = None
+    _key_storage: Tensor | None = field(default=None, repr=False)
+    _value_storage: Tensor | None = field(default=None, repr=False)
 
     @property
     def length(self) -> int:
@@ -27,18 +35,34 @@ class AttentionCache:
 
     def append(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Add new positions (B, H, T, d_k) and return all keys and values (B, H, L + T, d_k)."""
-        if self.key is None:
-            self.key, self.value = key, value
-        else:
-            self.key = torch.cat([self.key, key], dim=2)
-            self.value = torch.cat([self.value, value], dim=2)
+        L, T = self.length, key.size(2)
+        if self._key_storage is None or self._value_storage is None or L + T > self._key_storage.size(2):
+            capacity = max(16, 2 * (L + T))
+            key_storage = key.new_empty(key.size(0), key.size(1), capacity, key.size(3))
+            value_storage = value.new_empty(value.size(0), value.size(1), capacity, value.size(3))
+            if self.key is not None and self.value is not None:
+                key_storage[:, :, :L] = self.key
+                value_storage[:, :, :L] = self.value
+            self._key_storage, self._value_storage = key_storage, value_storage
+        self._key_storage[:, :, L : L + T] = key
+        self._value_storage[:, :, L : L + T] = value
+        self.key, self.value = self._key_storage[:, :, : L + T], self._value_storage[:, :, : L + T]
         return self.key, self.value
 
     def select(self, index: Tensor) -> None:
         """Keep batch rows `index` (LongTensor (B',)), in that order."""
-        if self.key is not None:
-            self.key = self.key.index_select(0, index)
-            self.value = self.value.index_select(0, index)
+        if self.key is None or self.value is None:
+            return
+        if self._key_storage is None or self._value_storage is None:  # set directly (cross-attention)
+            self.key, self.value = self.key.index_select(0, index), self.value.index_select(0, index)
+            return
+        L = self.length
+        key_storage = self._key_storage.new_empty(len(index), *self._key_storage.shape[1:])
+        value_storage = self._value_storage.new_empty(len(index), *self._value_storage.shape[1:])
+        torch.index_select(self.key, 0, index, out=key_storage[:, :, :L])  # copies the L filled positions only
+        torch.index_select(self.value, 0, index, out=value_storage[:, :, :L])
+        self._key_storage, self._value_storage = key_storage, value_storage
+        self.key, self.value = key_storage[:, :, :L], value_storage[:, :, :L]
 
 
 @dataclass
@@ -58,20 +82,26 @@ class DecoderCache:
         """Number of target positions already decoded (the offset of the next position)."""
         return self.self_attn[0].length if self.self_attn else 0
 
-    def select(self, index: Tensor) -> None:
+    def select(self, index: Tensor, memory_index: Tensor | None = None) -> None:
         """Keep batch rows `index` of every entry: drop finished sentences or reorder anything.
 
         Args:
             index: (B',) LongTensor of rows to keep, in their new order.
+            memory_index: rows to keep of the cross-attention entries when these hold fewer rows
+                than the self-attention ones (a memory shared by several hypotheses, see
+                `MultiHeadAttention`); None: `index`.
         """
-        for entry in self.self_attn + self.cross_attn:
+        for entry in self.self_attn:
             entry.select(index)
+        for entry in self.cross_attn:
+            entry.select(index if memory_index is None else memory_index)
 
     def reorder_beams(self, index: Tensor) -> None:
         """Reorder self-attention entries after a beam-search step.
 
         Cross-attention entries are left alone, which is valid because `index` only moves rows among
-        the hypotheses of the same source sentence, whose cross-attention entries are identical.
+        the hypotheses of the same source sentence, whose cross-attention entries are identical (or
+        shared, when the memory has one row per sentence).
 
         Args:
             index: (B,) LongTensor; new row r takes the state of old row index[r].
