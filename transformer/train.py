@@ -232,13 +232,13 @@ def _reduce(value: float, world_size: int, op: dist.ReduceOp = dist.ReduceOp.SUM
     return tensor.item()
 
 
-def budget_used(tc: TrainConfig, position: Position, epoch_batches: int) -> float:
+def budget_used(tc: TrainConfig, position: Position, batches_per_epoch: int) -> float:
     """Fraction of the training budget spent so far: the largest over the step, epoch and minute limits set."""
     fractions = [0.0]
     if tc.max_steps:
         fractions.append(position.step / tc.max_steps)
     if tc.max_epochs:
-        fractions.append((position.epoch + position.batch / max(epoch_batches, 1)) / tc.max_epochs)
+        fractions.append((position.epoch + position.batch / max(batches_per_epoch, 1)) / tc.max_epochs)
     if tc.max_minutes:
         fractions.append(position.elapsed / (tc.max_minutes * 60))
     return min(1.0, max(fractions))
