@@ -11,6 +11,9 @@ from transformer.model import MultiHeadAttention, attention_mask, causal_mask, s
 D, H = 16, 4
 
 
+pytestmark = pytest.mark.usefixtures("attention_kernel")  # both CPU attention paths (conftest.py)
+
+
 def pair(dropout: float = 0.0) -> tuple[MultiHeadAttention, nn.MultiheadAttention]:
     torch.manual_seed(0)
     ours = MultiHeadAttention(D, H, dropout).double().eval()

@@ -6,6 +6,8 @@ from torch import nn
 
 from transformer.model import DecoderLayer, EncoderLayer
 
+pytestmark = pytest.mark.usefixtures("attention_kernel")  # both CPU attention paths (conftest.py)
+
 D, H, FF = 16, 4, 32
 
 

@@ -25,6 +25,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
     return src, tgt
 
 
+@pytest.mark.usefixtures("attention_kernel")  # both CPU attention paths (conftest.py)
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("positional", ["sinusoidal", "learned"])
 def test_incremental_decoding_equals_full_decoding(norm_first, positional):
@@ -77,6 +78,7 @@ def test_beam_rows_share_one_memory_row_per_sentence():
     torch.testing.assert_close(step[:, 0], full[:, 3], atol=1e-5, rtol=0)
 
 
+@pytest.mark.usefixtures("attention_kernel")  # both CPU attention paths (conftest.py)
 def test_future_target_tokens_do_not_change_earlier_logits():
     model = tiny()
     src, tgt = batch()
@@ -86,8 +88,7 @@ def test_future_target_tokens_do_not_change_earlier_logits():
         a, b = model(src, tgt), model(src, changed)
     torch.testing.assert_close(a[:, :5], b[:, :5], atol=1e-6, rtol=0)
     assert not torch.allclose(a[:, 5:], b[:, 5:])
-
-
+@pytest.mark.usefixtures("attention_kernel")  # both CPU attention paths (conftest.py)
 def test_padded_source_positions_do_not_change_the_output():
     model = tiny()
     src, tgt = batch()
@@ -147,8 +148,13 @@ def test_tiny_model_learns_to_reverse():
     model = Transformer(14, 14, d_model=64, n_heads=4, d_ff=128, n_encoder_layers=2, n_decoder_layers=2,
                         dropout=0.0, share_embeddings=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-9)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))
-    for _ in range(500):
+    # Warm-up, then a linear decay over the last 40%: without the decay the final accuracy varied
+    # from 90% to 100% with the seed and the attention kernel; with it, 12 of 12 seeds reached 100%.
+    steps = 500
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 50, (steps - step) / (0.4 * steps))
+    )
+    for _ in range(steps):
         src = torch.randint(4, 14, (64, 6))
         target = src.flip(1)
         tgt_in = torch.cat([torch.full((64, 1), BOS), target[:, :-1]], 1)
