@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from transformer.model import DecoderCache, Transformer
-from transformer.search import Hypothesis, beam_search, greedy_search, length_penalty_factor
+import transformer.search as search
+from transformer.search import Hypothesis, beam_search, greedy_search, length_penalty_factor, top_k
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -252,7 +253,8 @@ def test_finished_sentences_leave_the_batch():
 
     rows.clear()
     beam_search(model, src, beam_size=3, max_len_a=1.0, max_len_b=2)  # maximum lengths 4, 11, 6, 8
-    assert rows[0] == 12 and rows == sorted(rows, reverse=True) and rows[-1] == 3
+    # The first step decodes one row per sentence (its K rows are the same BOS prefix), then K.
+    assert rows[0] == 4 and rows[1] == 12 and rows[1:] == sorted(rows[1:], reverse=True) and rows[-1] == 3
 
 
 def test_invalid_settings_are_rejected():
@@ -263,3 +265,27 @@ def test_invalid_settings_are_rejected():
         beam_search(model, src, length_penalty=-1.0)
     with pytest.raises(ValueError, match="max_len_a"):
         greedy_search(model, src, max_len_a=-1.0)
+
+
+@pytest.mark.parametrize("V, k, block", [(103, 5, 4), (96, 8, 8), (40, 3, 16), (64, 1, 4), (30, 30, 4)])
+def test_top_k_equals_torch_topk(V, k, block):
+    """Blocks of `block` columns, with and without a partial last block, k above and below the block count."""
+    x = torch.randn(50, V, generator=torch.Generator().manual_seed(V + k))
+    x[3] = -math.inf  # a row with nothing allowed
+    x[4, :-1] = -math.inf  # only the last column allowed
+    x[5] = x[5].abs().neg().sort(descending=True).values  # the best entries in the first block
+    values, ids = top_k(x, k, block)
+    expected_values, expected_ids = x.topk(k, dim=-1)
+    torch.testing.assert_close(values, expected_values, atol=0, rtol=0)
+    finite = expected_values.isfinite()
+    assert torch.equal(ids[finite], expected_ids[finite])  # random values: no ties among finite ones
+    assert torch.equal(x.gather(1, ids), values)
+
+
+def test_beam_search_with_blockwise_top_k_equals_torch_topk(monkeypatch):
+    """A vocabulary wide enough for `top_k`'s blocks gives the same n-best lists as torch.topk."""
+    model = random_model(5, vocab=700)
+    src = random_source(5, [4, 7, 2])
+    fast = beam_search(model, src, beam_size=4, n_best=4, max_len_b=5)
+    monkeypatch.setattr(search, "top_k", lambda x, k: x.topk(k, dim=-1))
+    assert beam_search(model, src, beam_size=4, n_best=4, max_len_b=5) == fast
