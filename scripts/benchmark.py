@@ -9,13 +9,17 @@ Four sections, each selectable with --only:
 * train:  training-step throughput (forward + backward + Adam step, source + target non-pad tokens
           per second) of `TranslationLoss` on our `Transformer` against the same model written with
           `torch.nn.Transformer` (full (B, T, V) logits, `F.cross_entropy(ignore_index=pad)`), on real
-          token-bucketed Multi30k batches, in float32 and under bfloat16 autocast.
+          token-bucketed Multi30k batches, in float32 and under bfloat16 autocast (on the same
+          batches where the CPU has native bf16 instructions; on a few small ones where PyTorch
+          has to emulate bf16, which is many times slower).
 * flops:  achieved matmul FLOP/s of our training step (FLOPs counted analytically, cross-checked
-          with `torch.utils.flop_counter.FlopCounterMode`) as a fraction of a large fp32 matmul's.
+          with `torch.utils.flop_counter.FlopCounterMode`) as a fraction of a large matmul's, in
+          float32 and, where bf16 is native, in bfloat16.
 * decode: beam-4 decoding of test_2016_flickr: ours with and without the key/value cache against
           Hugging Face's `MarianMTModel.generate` (same dimensions, random weights), on the same
-          token-bucketed batches; EOS is made impossible on both sides so that every sentence of a
-          batch runs exactly S decoder steps (S = the batch's padded source length).
+          token-bucketed batches, in float32 and (where bf16 is native) with both models' weights in
+          bfloat16; EOS is made impossible on both sides so that every sentence of a batch runs
+          exactly S decoder steps (S = the batch's padded source length).
 * memory: peak RSS of training and decoding, each measured in a fresh subprocess.
 
 Both sides of every comparison run in this one process, with the same model dimensions, the same
@@ -49,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformer.config import Config, load_config
 from transformer.data import Batch, collate, encode_pairs, load_split, make_batches
 from transformer.model import Transformer, sinusoidal_table
-from transformer.runtime import keep_freed_memory
+from transformer.runtime import has_native_bf16, keep_freed_memory
 from transformer.search import beam_search
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_or_train_tokenizers
 from transformer.train import TranslationLoss
@@ -194,9 +198,9 @@ def counted_flops(trainer: nn.Module, batch: Batch) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Median FLOP/s of an (n, n) x (n, n) float32 `torch.matmul`, after one warm-up."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Median FLOP/s of an (n, n) x (n, n) `torch.matmul` in `dtype`, after one warm-up."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.matmul(a, b)
     times = []
     for _ in range(repeats):
@@ -403,18 +407,33 @@ def decode_hf(model: nn.Module, src: Tensor, beam_size: int) -> float:
     return time.perf_counter() - start
 
 
+# Decoder variants: ours with or without the cache, or Hugging Face Marian; "bf16" ones hold their
+# weights (and so compute) in bfloat16, the others in float32.
+DECODERS = ("ours (cache)", "ours (no cache)", "HF Marian", "ours (cache, bf16)", "HF Marian (bf16)")
+# (faster, slower, what the ratio says) for every pair of decoders the report compares.
+DECODE_RATIOS = (
+    ("ours (cache)", "HF Marian", "ours / HF Marian, both float32"),
+    ("ours (cache, bf16)", "HF Marian (bf16)", "ours / HF Marian, both bfloat16"),
+    ("ours (cache)", "ours (no cache)", "ours with the cache / without it, float32"),
+)
+
+
 def decoders(cfg: Config, vocab_size: int, beam_size: int, variants: Sequence[str]) -> dict[str, Callable[[Tensor], float]]:
-    """name -> function decoding one source batch and returning its seconds."""
-    torch.manual_seed(0)
+    """name (one of `DECODERS`) -> function decoding one source batch and returning its seconds.
+
+    Every variant of one model gets the same random weights (seed 0), in its own precision.
+    """
     runs: dict[str, Callable[[Tensor], float]] = {}
-    if any(name.startswith("ours") for name in variants):
-        ours = Transformer.from_config(cfg.model, vocab_size, vocab_size, PAD_ID).eval()
-        runs["ours (cache)"] = lambda src: decode_ours(ours, src, beam_size, use_cache=True)
-        runs["ours (no cache)"] = lambda src: decode_ours(ours, src, beam_size, use_cache=False)
-    if "HF Marian" in variants:
-        marian = hf_marian(cfg, vocab_size)
-        runs["HF Marian"] = lambda src: decode_hf(marian, src, beam_size)
-    return {name: runs[name] for name in variants}
+    for name in variants:
+        dtype = torch.bfloat16 if "bf16" in name else torch.float32
+        torch.manual_seed(0)
+        if name.startswith("ours"):
+            ours = Transformer.from_config(cfg.model, vocab_size, vocab_size, PAD_ID).eval().to(dtype)
+            runs[name] = lambda src, m=ours, c="no cache" not in name: decode_ours(m, src, beam_size, use_cache=c)
+        else:
+            marian = hf_marian(cfg, vocab_size).to(dtype)
+            runs[name] = lambda src, m=marian: decode_hf(m, src, beam_size)
+    return runs
 
 
 def time_decoding(
@@ -518,7 +537,8 @@ def machine() -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": has_native_bf16(torch.device("cpu"))}
     with contextlib.suppress(ImportError):
         import transformers
         info["transformers"] = transformers.__version__
@@ -535,27 +555,35 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def report(results: dict) -> str:
     """The markdown tables of whatever sections ran."""
     m = results["machine"]
-    out = [f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}"
+    out = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['capability']}, "
+           + ("native bf16" if m["native_bf16"] else "no native bf16") + f"; torch {m['torch']}"
            + (f", transformers {m['transformers']}" if "transformers" in m else "") + f"; torch threads: {m['threads']}."]
     if "train" in results:
+        train = results["train"]
         rows = []
         for key, label in (("fp32", "float32"), ("bf16", "bfloat16 autocast"), ("fp32_small", "float32, bf16's batches")):
-            if key not in results["train"]:
+            if key not in train:
                 continue
-            r = results["train"][key]
+            r = train[key]
             ours, peer = (r["models"][name]["tokens_per_s"] for name in ("ours", "nn.Transformer"))
             rows.append([label, f"{r['batches']} ({r['tokens']:,} tokens)", f"{ours:,.0f}", f"{peer:,.0f}",
                          f"{ours / peer:.2f}x"])
+        if "fp32_small" not in train and "bf16" in train:  # bf16 ran on the float32 batches
+            ours, peer = train["bf16"]["models"]["ours"]["tokens_per_s"], train["fp32"]["models"]["nn.Transformer"]["tokens_per_s"]
+            rows.append(["**ours in bfloat16 / nn.Transformer in float32**", "the same", f"{ours:,.0f}", f"{peer:,.0f}",
+                         f"**{ours / peer:.2f}x**"])
         out += ["", "Training step, forward + backward + Adam (source + target tokens/s, median of interleaved runs):", "",
                 table(["precision", "batches", "ours", "nn.Transformer", "ours / nn.Transformer"], rows)]
     if "flops" in results:
         f = results["flops"]
-        rows = [[name, f"{r['flops_per_pass'] / 1e9:,.1f}", f"{r['seconds_per_pass']:.2f}",
-                 f"{r['flop_per_s'] / 1e9:.1f}", f"{f['peak_flop_per_s'] / 1e9:.1f}", f"{r['fraction_of_peak']:.0%}"]
-                for name, r in f["models"].items()]
+        rows = [[name, precision, f"{r['flops_per_pass'] / 1e9:,.1f}", f"{r['seconds_per_pass']:.2f}",
+                 f"{r['flop_per_s'] / 1e9:.1f}", f"{f['peak_flop_per_s'][precision] / 1e9:.1f}",
+                 f"{r['fraction_of_peak']:.0%}"]
+                for precision, models in f["models"].items() for name, r in models.items()]
         check = f["check"]
-        out += ["", "Achieved matmul FLOP/s of the float32 training step (FLOPs counted analytically):", "",
-                table(["model", "GFLOP per pass", "s per pass", "GFLOP/s", f"peak ({f['peak_matmul']})", "fraction"], rows),
+        out += ["", "Achieved matmul FLOP/s of the training step (FLOPs counted analytically), against the peak of "
+                f"a {f['peak_size']}² matmul in the same precision:", "",
+                table(["model", "precision", "GFLOP per pass", "s per pass", "GFLOP/s", "peak GFLOP/s", "fraction"], rows),
                 "", f"FLOP count check on one batch {check['shape']}: "
                 + ", ".join(f"{name} {c['analytic'] / 1e9:.3f} GFLOP analytic vs {c['counted'] / 1e9:.3f} FlopCounterMode"
                             f" ({c['analytic'] / c['counted'] - 1:+.2%})" for name, c in check["models"].items())]
@@ -563,16 +591,14 @@ def report(results: dict) -> str:
         d = results["decode"]
         for runs in d["comparisons"]:
             base = runs["ours (cache)"]
-            rows = []
-            for name, r in runs.items():
-                ratio = "" if name == "ours (cache)" else f"{base['sentences_per_s'] / r['sentences_per_s']:.2f}x"
-                rows.append([name, f"{r['sentences_per_s']:.1f}", f"{r['tokens_per_s']:,.0f}",
-                             f"{r['seconds_per_pass']:.1f}", ratio])
+            rows = [[name, f"{r['sentences_per_s']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['seconds_per_pass']:.1f}"]
+                    for name, r in runs.items()]
+            rows += [[f"**{label}**", f"**{runs[fast]['sentences_per_s'] / runs[slow]['sentences_per_s']:.2f}x**", "", ""]
+                     for fast, slow, label in DECODE_RATIOS if fast in runs and slow in runs]
             caption = (f"Beam-{d['beam_size']} decoding, {base['sentences']} test sentences in {base['batches']} "
                        f"batches, each sentence decoded for its batch's padded source length "
-                       f"({base['tokens']:,} target tokens):")
-            out += ["", caption, "", table(["decoder", "sentences/s", "target tokens/s", "s per pass",
-                                            "ours (cache) / this"], rows)]
+                       f"({base['tokens']:,} target tokens); ratios of sentences/s:")
+            out += ["", caption, "", table(["decoder", "sentences/s", "target tokens/s", "s per pass"], rows)]
     if "memory" in results:
         rows = [[job, r["work"], f"{r['peak_mib']:,.0f}", f"{r['peak_mib'] - r['baseline_mib']:,.0f}"]
                 for job, r in results["memory"].items()]
@@ -589,10 +615,13 @@ def report(results: dict) -> str:
 def run_train(cfg: Config, setup: Setup, args: argparse.Namespace) -> dict:
     """Training throughput in float32 and under bfloat16 autocast."""
     trainers = build_trainers(cfg, setup.vocab_size, args.seed)
-    small = [shrink(b, args.bf16_max_tokens) for b in spread(setup.train_batches, args.bf16_batches)]
-    plan = [("fp32", setup.train_batches, "fp32", args.repeats, args.warmup),
-            ("bf16", small, "bf16", args.bf16_repeats, 1),
-            ("fp32_small", small, "fp32", args.repeats, 1)]
+    plan = [("fp32", setup.train_batches, "fp32", args.repeats, args.warmup)]
+    if has_native_bf16(torch.device("cpu")):
+        plan.append(("bf16", setup.train_batches, "bf16", args.repeats, args.warmup))
+    else:
+        # Emulated bf16 is ~20x slower than float32: a few small batches, and float32 on the same ones.
+        small = [shrink(b, args.bf16_max_tokens) for b in spread(setup.train_batches, args.bf16_batches)]
+        plan += [("bf16", small, "bf16", args.bf16_repeats, 1), ("fp32_small", small, "fp32", args.repeats, 1)]
     results = {}
     for key, batches, precision, repeats, warmup in plan:
         if not batches or repeats < 1:
@@ -607,32 +636,46 @@ def run_train(cfg: Config, setup: Setup, args: argparse.Namespace) -> dict:
 
 
 def run_flops(cfg: Config, setup: Setup, args: argparse.Namespace, train: dict | None) -> dict:
-    """Analytic FLOPs over the float32 timings (measured here unless the train section ran)."""
+    """Analytic FLOPs over the training timings of each precision that ran on the full batches.
+
+    Float32 is timed here if the train section did not run; bfloat16 is counted only from the
+    train section's timings, when they are on the same batches (native bf16).
+    """
     trainers = build_trainers(cfg, setup.vocab_size, args.seed)
     batches = setup.train_batches
+    timings: dict[str, dict] = {}
     if train is None or "fp32" not in train:
         progress(f"flops: timing ours, {len(batches)} batches x {args.repeats} repeats")
-        timed = time_training({"ours": trainers["ours"]}, batches, "fp32", args.repeats, args.warmup)
+        timings["fp32"] = time_training({"ours": trainers["ours"]}, batches, "fp32", args.repeats, args.warmup)
     else:
-        timed = train["fp32"]["models"]
+        timings["fp32"] = train["fp32"]["models"]
+        if "bf16" in train and "fp32_small" not in train:
+            timings["bf16"] = train["bf16"]["models"]
     progress(f"flops: peak of a {args.peak_size}² matmul, FlopCounterMode check")
-    peak = matmul_peak(args.peak_size, args.peak_repeats)
-    models = {}
-    for name, r in timed.items():
-        flops = sum(batch_flops(cfg, setup.vocab_size, b, full_logits=name != "ours") for b in batches)
-        models[name] = {"flops_per_pass": flops, "seconds_per_pass": r["seconds_per_pass"],
-                        "flop_per_s": flops / r["seconds_per_pass"], "fraction_of_peak": flops / r["seconds_per_pass"] / peak}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {precision: matmul_peak(args.peak_size, args.peak_repeats, dtypes[precision]) for precision in timings}
+    models: dict[str, dict] = {}
+    for precision, timed in timings.items():
+        models[precision] = {}
+        for name, r in timed.items():
+            flops = sum(batch_flops(cfg, setup.vocab_size, b, full_logits=name != "ours") for b in batches)
+            rate = flops / r["seconds_per_pass"]
+            models[precision][name] = {"flops_per_pass": flops, "seconds_per_pass": r["seconds_per_pass"],
+                                       "flop_per_s": rate, "fraction_of_peak": rate / peaks[precision]}
     batch = batches[len(batches) // 2]
     check = {name: {"analytic": batch_flops(cfg, setup.vocab_size, batch, full_logits=name != "ours"),
                     "counted": counted_flops(trainer, batch)} for name, trainer in trainers.items()}
     shape = f"B={batch.src.size(0)}, S={batch.src.size(1)}, T={batch.tgt_in.size(1)}"
-    return {"models": models, "peak_flop_per_s": peak, "peak_matmul": f"{args.peak_size}² fp32 matmul",
+    return {"models": models, "peak_flop_per_s": peaks, "peak_size": args.peak_size,
             "check": {"shape": shape, "models": check}}
 
 
 def run_decode(cfg: Config, setup: Setup, args: argparse.Namespace) -> dict:
     """Beam decoding: ours with and without the cache, and Hugging Face Marian."""
-    comparisons = [(setup.test_sources, ["ours (cache)", "HF Marian"])]
+    against_marian = ["ours (cache)", "HF Marian"]
+    if has_native_bf16(torch.device("cpu")):
+        against_marian += ["ours (cache, bf16)", "HF Marian (bf16)"]
+    comparisons = [(setup.test_sources, against_marian)]
     if not args.skip_uncached:
         # Recomputing every prefix is slow: compared with the cache on the first sentences only.
         comparisons.append((setup.test_sources[: args.uncached_sentences], ["ours (cache)", "ours (no cache)"]))
@@ -655,9 +698,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=20, help="training batches, spread over the length range")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the batches")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per model")
-    parser.add_argument("--bf16-batches", type=int, default=2, help="batches for the (slow) bfloat16 runs")
-    parser.add_argument("--bf16-max-tokens", type=int, default=600, help="bfloat16 batches are cut to this many tokens per side")
-    parser.add_argument("--bf16-repeats", type=int, default=2)
+    parser.add_argument("--bf16-batches", type=int, default=2,
+                        help="batches for the bfloat16 runs on a CPU without native bf16 (where it is slow)")
+    parser.add_argument("--bf16-max-tokens", type=int, default=600,
+                        help="on a CPU without native bf16, bfloat16 batches are cut to this many tokens per side")
+    parser.add_argument("--bf16-repeats", type=int, default=2, help="bfloat16 repeats on a CPU without native bf16")
     parser.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul measuring the peak")
     parser.add_argument("--peak-repeats", type=int, default=7)
     parser.add_argument("--decode-sentences", type=int, default=1000, help="test sentences to decode")

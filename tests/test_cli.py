@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer import attention_plot, average, evaluate, translate
+from transformer import attention_plot, average, cli, evaluate, runtime, translate
 from transformer.checkpoint import load_checkpoint, load_model, save_checkpoint, tokenizer_state
 from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, config_to_dict
 from transformer.model import Transformer
@@ -97,6 +97,25 @@ def test_evaluate_reports_scores_and_writes_hypotheses(run, capsys):
     report = capsys.readouterr().out
     assert report.startswith("BLEU = ") and "tok:intl" in report and "case:lc" in report and "chrF2" in report
     assert len(output.read_text(encoding="utf-8").splitlines()) == 6
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_puts_the_model_in_bf16_and_auto_follows_the_hardware(native, run, capsys, caplog, monkeypatch):
+    monkeypatch.setattr(runtime, "has_native_bf16", lambda device: native)
+    ckpt = str(run / "checkpoints" / "step_1.pt")
+    parser = evaluate._parser()
+    for flag, expected in ((None, "fp32"), ("bf16", "bf16"), ("fp32", "fp32"), ("auto", "bf16" if native else "fp32")):
+        args = parser.parse_args(["--checkpoint", ckpt] + (["--precision", flag] if flag else []))
+        with caplog.at_level(logging.WARNING):
+            caplog.clear()
+            loaded, decode = cli.load_for_decoding(args, torch.device("cpu"))
+        assert decode.precision == expected
+        assert {p.dtype for p in loaded.model.parameters()} == {cli.DECODE_DTYPES[expected]}
+        # Asking for bf16 where it is emulated is allowed, with a warning that it is slow.
+        assert ("no native bf16" in caplog.text) == (flag == "bf16" and not native)
+    evaluate.main(["--checkpoint", ckpt, "--json", "--device", "cpu", "--precision", "bf16"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["precision"] == "bf16" and result["n_sentences"] == 8 and 0.0 <= result["bleu"] <= 100.0
 
 
 def test_evaluate_rejects_misaligned_references(run, tmp_path):

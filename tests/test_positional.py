@@ -31,6 +31,15 @@ def test_sinusoidal_offset_and_extension():
     assert encoding.table.size(0) >= 40
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_sinusoidal_extension_keeps_the_dtype_the_module_was_cast_to(dtype):
+    encoding = SinusoidalPositionalEncoding(16, max_len=8).to(dtype)
+    extended = encoding(10, offset=30)
+    assert extended.dtype == dtype and encoding.table.dtype == dtype
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(extended.double(), paper_formula(40, 16)[30:40], atol=tolerance, rtol=0)
+
+
 def test_learned_positions_shape_and_limit():
     learned = LearnedPositionalEmbedding(8, max_len=10)
     assert learned(4, offset=2).shape == (4, 8)

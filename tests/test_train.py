@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from transformer import evaluate, translate
+from transformer import runtime
 from transformer import train as train_module
 from transformer.checkpoint import load_checkpoint, run_checkpoints
 from transformer.config import ConfigError, TrainConfig, load_config
@@ -315,6 +316,21 @@ def test_max_epochs_counts_whole_passes_over_the_data(corpus, tmp_path):
     n_batches = len(make_batches(data.src_lens, data.tgt_lens, cfg.train.max_tokens))
     train(cfg)
     assert load_checkpoint(run_checkpoints(tmp_path)[-1])["step"] == n_batches
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_trains_in_bf16_only_where_bf16_is_native(native, corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "has_native_bf16", lambda device: native)
+    casts = []
+    autocast = torch.autocast
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: casts.append(kwargs["dtype"]) or autocast(*args, **kwargs))
+    cfg = load_config(CONFIG, overrides(corpus, tmp_path, train_precision="auto", train_max_steps=2,
+                                        train_eval_bleu_sentences=0, train_average_last=1))
+    train(cfg)
+    expected = "bf16" if native else "fp32"
+    assert load_config(tmp_path / "config.yaml").train.precision == expected
+    assert load_checkpoint(run_checkpoints(tmp_path)[-1])["config"]["train"]["precision"] == expected
+    assert (set(casts) == {torch.bfloat16}) if native else not casts
 
 
 def test_train_gives_back_the_signal_handlers_it_installed(corpus, tmp_path):

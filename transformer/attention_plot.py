@@ -20,9 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from transformer.checkpoint import load_model
 from transformer.tokenizer import BOS_ID
-from transformer.cli import add_model_arguments, decode_settings, prepare
+from transformer.cli import add_model_arguments, load_for_decoding, prepare
 from transformer.translator import source_ids, translate_ids
 
 logger = logging.getLogger(__name__)
@@ -82,11 +81,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = prepare(parser, args)
     try:
-        loaded = load_model(args.checkpoint, device)
+        loaded, decode = load_for_decoding(args, device)
         source = source_ids(loaded.src_tokenizer, [args.sentence], loaded.config.model.max_len)[0]
         if not source:
             raise ValueError("--sentence is empty")
-        decode = decode_settings(loaded.config.decode, args)
         output_ids = translate_ids(loaded.model, [source], decode.beam_size, decode.length_penalty,
                                    decode.max_len_a, decode.max_len_b,
                                    device=device)[0]

@@ -8,18 +8,25 @@ import logging
 
 import torch
 
+from .checkpoint import LoadedModel, load_model
 from .config import DecodeConfig
-from .runtime import keep_freed_memory, resolve_device
+from .runtime import keep_freed_memory, resolve_device, resolve_precision
+
+# What decode.precision runs the model in (log-probabilities are computed in float32 either way).
+DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, batch_tokens: bool = True) -> None:
-    """--checkpoint (several are averaged), --beam, --alpha, optionally --batch-tokens, and --device."""
+    """--checkpoint (several are averaged), --beam, --alpha, optionally --batch-tokens, --precision and --device."""
     parser.add_argument("--checkpoint", action="extend", nargs="+", required=True, metavar="CKPT",
                         help="checkpoint file; several are averaged")
     parser.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's)")
     parser.add_argument("--alpha", type=float, help="length penalty alpha (default: the checkpoint's)")
     if batch_tokens:
         parser.add_argument("--batch-tokens", type=int, help="source tokens per batch (default: the checkpoint's)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"),
+                        help="run the model in float32 or bfloat16 (log-probabilities stay float32); auto: bf16 "
+                             "where the device has native bf16 instructions (default: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
 
@@ -45,5 +52,23 @@ def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.
 
 def decode_settings(decode: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:
     """The checkpoint's decode settings with the ones given on the command line put over them."""
-    given = {"beam_size": args.beam, "length_penalty": args.alpha, "batch_tokens": getattr(args, "batch_tokens", None)}
+    given = {"beam_size": args.beam, "length_penalty": args.alpha, "batch_tokens": getattr(args, "batch_tokens", None),
+             "precision": args.precision}
     return dataclasses.replace(decode, **{k: v for k, v in given.items() if v is not None})
+
+
+def load_for_decoding(args: argparse.Namespace, device: torch.device) -> tuple[LoadedModel, DecodeConfig]:
+    """Load `--checkpoint` (averaged if several) and put it in the decode precision.
+
+    Returns:
+        The model with its tokenizers and config, and the decode settings to use, whose
+        `precision` is resolved ("auto" becomes "bf16" or "fp32" for `device`).
+
+    Raises:
+        CheckpointError: a checkpoint that is missing, unreadable or not one of this project's.
+    """
+    loaded = load_model(args.checkpoint, device)
+    decode = decode_settings(loaded.config.decode, args)
+    decode = dataclasses.replace(decode, precision=resolve_precision(decode.precision, device))
+    loaded.model.to(DECODE_DTYPES[decode.precision])
+    return loaded, decode

@@ -96,7 +96,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled weight decay (AdamW); the paper uses none
     label_smoothing: float = 0.1  # epsilon_ls
     clip_norm: float = 0.0  # 0 = no clipping
-    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (fp16 only on CUDA)
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (fp16 only on CUDA) | "auto" (bf16 where native, else fp32)
     log_every: int = 50  # steps between training log lines
     eval_every: int = 1000  # steps between validations
     eval_bleu_sentences: int = 500  # validation sentences decoded for BLEU (0 = skip BLEU)
@@ -116,6 +116,7 @@ class DecodeConfig:
     max_len_a: float = 1.0  # max output length = a * source length + b
     max_len_b: int = 50  # additive term of the maximum output length
     batch_tokens: int = 8000  # source tokens per decoding batch
+    precision: str = "fp32"  # "fp32" | "bf16" (weights and activations; log-probs stay fp32) | "auto"
 
 
 @dataclass
@@ -260,7 +261,7 @@ def _validate(cfg: Config, source: str) -> None:
         (tr.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (0.0 <= tr.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
         (tr.clip_norm >= 0, "train.clip_norm must be >= 0"),
-        (tr.precision in ("fp32", "bf16", "fp16"), "train.precision must be 'fp32', 'bf16' or 'fp16'"),
+        (tr.precision in ("fp32", "bf16", "fp16", "auto"), "train.precision must be 'fp32', 'bf16', 'fp16' or 'auto'"),
         (tr.log_every > 0, "train.log_every must be > 0"),
         (tr.eval_every > 0, "train.eval_every must be > 0"),
         (tr.eval_bleu_sentences >= 0, "train.eval_bleu_sentences must be >= 0"),
@@ -275,6 +276,7 @@ def _validate(cfg: Config, source: str) -> None:
         (dec.max_len_b >= 0, "decode.max_len_b must be >= 0"),
         (dec.max_len_a > 0 or dec.max_len_b > 0, "decode.max_len_a and decode.max_len_b cannot both be 0"),
         (dec.batch_tokens > 0, "decode.batch_tokens must be > 0"),
+        (dec.precision in ("fp32", "bf16", "auto"), "decode.precision must be 'fp32', 'bf16' or 'auto'"),
     ]
     for ok, message in checks:
         if not ok:

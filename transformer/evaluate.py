@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
-from transformer.checkpoint import CheckpointError, load_model
+from transformer.checkpoint import CheckpointError
 from transformer.data import DataError, read_lines, load_split
-from transformer.cli import add_model_arguments, decode_settings, prepare
+from transformer.cli import add_model_arguments, load_for_decoding, prepare
 from transformer.translator import translate
 
 if TYPE_CHECKING:
@@ -111,16 +111,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--src and --ref go together")
     device = prepare(parser, args)
     try:
-        loaded = load_model(args.checkpoint, device)
+        loaded, decode = load_for_decoding(args, device)
         if args.src is not None:
             src_texts, ref_texts, name = read_lines(args.src), read_lines(args.ref), args.src.name
         else:
             src_texts, ref_texts = load_split(loaded.config.data, args.split)
             name = args.split
-        decode = decode_settings(loaded.config.decode, args)
         result = evaluate(loaded, src_texts, ref_texts, decode.beam_size, decode.length_penalty, decode.max_len_a,
                           decode.max_len_b, decode.batch_tokens, args.tokenize, args.lowercase, device,
                           use_cache=not args.no_cache)
+        result["precision"] = decode.precision
         output = args.output or Path(args.checkpoint[-1]).parent / f"hyp.{name}.txt"
         output.write_text("".join(h + "\n" for h in result.pop("hypotheses")), encoding="utf-8")
     except (CheckpointError, DataError, OSError) as e:
@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         print(f"{result['bleu_details']}\n  {result['signatures']['bleu']}")
         print(f"chrF2 = {result['chrf']:.2f}\n  {result['signatures']['chrf']}")
-        print(f"{result['n_sentences']} sentences, beam {result['beam']}, {result['seconds']:.1f} s "
+        print(f"{result['n_sentences']} sentences, beam {result['beam']}, {result['precision']}, {result['seconds']:.1f} s "
               f"({result['sentences_per_second']:.1f} sentences/s)")
 
 

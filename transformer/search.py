@@ -148,10 +148,13 @@ def _best_next_tokens(
     tokens = prefix if cache is None else prefix[:, -1:]
     hidden = model.decode_hidden(tokens, memory, src_mask, cache)[:, -1]  # (R, D)
     logits = model.project(hidden)  # (R, V)
-    scores = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    dtype = torch.promote_types(logits.dtype, torch.float32)
     if normalise:
-        # One fused pass; measured faster than logsumexp alone, which PyTorch runs as several passes.
-        scores = scores.log_softmax(dim=-1)
+        # One fused pass that also widens bfloat16 logits; measured faster than logsumexp alone,
+        # which PyTorch runs as several passes.
+        scores = logits.log_softmax(dim=-1, dtype=dtype)
+    else:
+        scores = logits.to(dtype)
     scores[:, [model.pad_id, bos_id]] = -math.inf
     if forced_eos.any():  # rare: only rows at their length limit, so touch just those rows
         rows = forced_eos.nonzero().squeeze(1)

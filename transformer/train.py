@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,7 +36,7 @@ from .config import Config, ConfigError, TrainConfig, config_to_dict, load_confi
 from .data import BatchSampler, DataError, ParallelData, collate, encode_pairs, load_split, make_batches
 from .model import Transformer
 from .plot import plot_metrics
-from .runtime import keep_freed_memory, resolve_device
+from .runtime import keep_freed_memory, resolve_device, resolve_precision
 from .schedule import cooldown_factor, noam_lr
 from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers, load_or_train_tokenizers
 from .translator import translate
@@ -265,6 +265,9 @@ def train(cfg: Config, resume: bool = False) -> Path:
         torch.set_num_threads(tc.threads)
     if tc.keep_last < tc.average_last:
         raise ConfigError(f"train.keep_last ({tc.keep_last}) must be >= train.average_last ({tc.average_last})")
+    # "auto" becomes what this device runs fastest; the run's config.yaml and checkpoints record the result.
+    cfg = replace(cfg, train=replace(tc, precision=resolve_precision(tc.precision, device)))
+    tc = cfg.train
     autocast(tc.precision, device)  # validates precision against the device before any work
     is_main = rank == 0
     run_dir = Path(tc.output_dir)
@@ -312,8 +315,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
     batches = make_batches(train_data.src_lens, train_data.tgt_lens, tc.max_tokens)
     sampler = BatchSampler(batches, tc.seed, rank, world_size)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %.2fM parameters; %d training pairs in %d batches per epoch per rank; device %s, %d threads",
-             n_params / 1e6, len(train_data), len(sampler), device, torch.get_num_threads())
+    log.info("model: %.2fM parameters; %d training pairs in %d batches per epoch per rank; device %s, %d threads, %s",
+             n_params / 1e6, len(train_data), len(sampler), device, torch.get_num_threads(), tc.precision)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", is_main)
     model.train()

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
-from transformer.checkpoint import CheckpointError, load_model
-from transformer.cli import add_model_arguments, decode_settings, prepare
+from transformer.checkpoint import CheckpointError
+from transformer.cli import add_model_arguments, load_for_decoding, prepare
 from transformer.translator import translate
 
 logger = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = prepare(parser, args)
     try:
-        loaded = load_model(args.checkpoint, device)
-        decode = decode_settings(loaded.config.decode, args)
+        loaded, decode = load_for_decoding(args, device)
         if args.input is None:
             stream, name, interactive = sys.stdin.buffer, "<stdin>", sys.stdin.isatty()
         else:

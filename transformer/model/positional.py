@@ -13,11 +13,15 @@ import torch
 from torch import Tensor, nn
 
 
-def sinusoidal_table(length: int, d_model: int, device: torch.device | None = None) -> Tensor:
+def sinusoidal_table(
+    length: int, d_model: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d_model)).
 
+    Computed in float64, then rounded to `dtype`.
+
     Returns:
-        (length, d_model) float32 tensor.
+        (length, d_model) tensor.
     """
     if d_model % 2:
         raise ValueError(f"sinusoidal positions need an even d_model, got {d_model}")
@@ -26,7 +30,7 @@ def sinusoidal_table(length: int, d_model: int, device: torch.device | None = No
     table = torch.empty(length, d_model, dtype=torch.float64, device=device)
     table[:, 0::2] = torch.sin(position * inv_freq)
     table[:, 1::2] = torch.cos(position * inv_freq)
-    return table.float()
+    return table.to(dtype)
 
 
 class SinusoidalPositionalEncoding(nn.Module):
@@ -51,7 +55,9 @@ class SinusoidalPositionalEncoding(nn.Module):
         """
         end = offset + length
         if end > self.table.size(0):
-            self.table = sinusoidal_table(max(end, 2 * self.table.size(0)), self.d_model, self.table.device)
+            # In the table's dtype, so that a module cast with .to(dtype) stays in it.
+            self.table = sinusoidal_table(max(end, 2 * self.table.size(0)), self.d_model, self.table.device,
+                                          self.table.dtype)
         return self.table[offset:end]
 
 
