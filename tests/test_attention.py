@@ -90,16 +90,32 @@ def test_memory_shared_by_groups_of_query_rows_equals_repeated_memory(T):
         ours(q[:5], memory, key_padding_mask=mask)
 
 
-def test_self_attention_cache_grows_past_its_first_capacity():
+def test_self_attention_cache_grows_position_by_position():
     from transformer.model import AttentionCache
 
     ours, _ = pair()
-    x = torch.randn(2, 40, D, dtype=torch.float64)  # more positions than the initial storage holds
+    x = torch.randn(2, 40, D, dtype=torch.float64)  # appends with no select between them reallocate each time
     full, _ = ours(x, causal=True)
     cache = AttentionCache()
     steps = [ours(x[:, t : t + 1], causal=True, cache=cache)[0] for t in range(40)]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-10, rtol=0)
     assert cache.length == 40 and cache.key.shape == (2, H, 40, D // H)
+
+
+def test_select_leaves_room_so_the_next_position_is_appended_in_place_and_contiguous():
+    from transformer.model import AttentionCache
+
+    k, v, k_new, v_new = (torch.randn(3, H, n, D // H, dtype=torch.float64) for n in (5, 5, 1, 1))
+    cache = AttentionCache()
+    cache.append(k, v)
+    rows = torch.tensor([2, 0, 0])
+    cache.select(rows)
+    start = cache.key.data_ptr(), cache.value.data_ptr()
+    keys, values = cache.append(k_new, v_new)
+    assert (keys.data_ptr(), values.data_ptr()) == start, "the append after a select reallocated"
+    assert keys.is_contiguous() and values.is_contiguous()
+    torch.testing.assert_close(keys, torch.cat([k[rows], k_new], 2), atol=0, rtol=0)
+    torch.testing.assert_close(values, torch.cat([v[rows], v_new], 2), atol=0, rtol=0)
 
 
 def test_weights_path_equals_fused_path():

@@ -118,6 +118,8 @@ class MultiHeadAttention(nn.Module):
             else:
                 k, v = self._split_heads(F.linear(memory, w[D:], None if b is None else b[D:]), 2)
                 if cache is not None:
+                    # Contiguous once, rather than copied by the attention matmuls at every step.
+                    k, v = k.contiguous(), v.contiguous()
                     cache.key, cache.value = k, v
         # g query rows per memory row (1 except for shared cross-attention memory): fold the g
         # rows' queries into one row of g * T queries, (B, H, T, d_k) -> (B', H, g * T, d_k).
