@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformer.config import Config, load_config
 from transformer.data import Batch, collate, encode_pairs, load_split, make_batches
 from transformer.model import Transformer, sinusoidal_table
-from transformer.runtime import has_native_bf16, keep_freed_memory
+from transformer.runtime import has_native_bf16, keep_freed_memory, resolve_precision
 from transformer.search import beam_search
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_or_train_tokenizers
 from transformer.train import TranslationLoss
@@ -491,10 +491,11 @@ def memory_job(job: str, cfg: Config, args: argparse.Namespace) -> dict:
     if job.startswith("train"):
         trainer = build_trainers(cfg, setup.vocab_size, args.seed)["ours" if job == "train-ours" else "nn.Transformer"]
         optimizer = torch.optim.Adam(trainer.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+        precision = resolve_precision(cfg.train.precision, torch.device("cpu"))  # as the config trains here
         peak_reset, baseline = reset_peak_rss(), rss_mib()
         for batch in setup.train_batches:
-            train_step(trainer, optimizer, batch, "fp32")
-        work = f"training steps: {len(setup.train_batches)}, batches of <= {cfg.train.max_tokens} tokens"
+            train_step(trainer, optimizer, batch, precision)
+        work = f"training steps: {len(setup.train_batches)}, batches of <= {cfg.train.max_tokens} tokens, {precision}"
     else:
         variant = "ours (cache)" if job == "decode-ours" else "HF Marian"
         run = decoders(cfg, setup.vocab_size, args.beam_size, [variant])[variant]
