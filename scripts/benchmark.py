@@ -407,9 +407,6 @@ def decode_hf(model: nn.Module, src: Tensor, beam_size: int) -> float:
     return time.perf_counter() - start
 
 
-# Decoder variants: ours with or without the cache, or Hugging Face Marian; "bf16" ones hold their
-# weights (and so compute) in bfloat16, the others in float32.
-DECODERS = ("ours (cache)", "ours (no cache)", "HF Marian", "ours (cache, bf16)", "HF Marian (bf16)")
 # (faster, slower, what the ratio says) for every pair of decoders the report compares.
 DECODE_RATIOS = (
     ("ours (cache)", "HF Marian", "ours / HF Marian, both float32"),
@@ -419,9 +416,11 @@ DECODE_RATIOS = (
 
 
 def decoders(cfg: Config, vocab_size: int, beam_size: int, variants: Sequence[str]) -> dict[str, Callable[[Tensor], float]]:
-    """name (one of `DECODERS`) -> function decoding one source batch and returning its seconds.
+    """name -> function decoding one source batch and returning its seconds.
 
-    Every variant of one model gets the same random weights (seed 0), in its own precision.
+    Names: "ours (cache)", "ours (no cache)", "HF Marian", "ours (cache, bf16)", "HF Marian (bf16)";
+    the "bf16" variants hold their weights (and so compute) in bfloat16, the others in float32.
+    Every variant of one model gets the same random weights (seed 0).
     """
     runs: dict[str, Callable[[Tensor], float]] = {}
     for name in variants:
