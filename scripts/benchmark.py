@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformer.config import Config, load_config
 from transformer.data import Batch, collate, encode_pairs, load_split, make_batches
 from transformer.model import Transformer, sinusoidal_table
-from transformer.runtime import has_native_bf16, keep_freed_memory, resolve_precision
+from transformer.runtime import PRECISION_DTYPES, has_native_bf16, keep_freed_memory, resolve_precision
 from transformer.search import beam_search
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_or_train_tokenizers
 from transformer.train import TranslationLoss
@@ -652,8 +652,8 @@ def run_flops(cfg: Config, setup: Setup, args: argparse.Namespace, train: dict |
         if "bf16" in train and "fp32_small" not in train:
             timings["bf16"] = train["bf16"]["models"]
     progress(f"flops: peak of a {args.peak_size}² matmul, FlopCounterMode check")
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    peaks = {precision: matmul_peak(args.peak_size, args.peak_repeats, dtypes[precision]) for precision in timings}
+    peaks = {precision: matmul_peak(args.peak_size, args.peak_repeats, PRECISION_DTYPES[precision])
+             for precision in timings}
     models: dict[str, dict] = {}
     for precision, timed in timings.items():
         models[precision] = {}

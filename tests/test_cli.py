@@ -110,7 +110,7 @@ def test_precision_puts_the_model_in_bf16_and_auto_follows_the_hardware(native, 
             caplog.clear()
             loaded, decode = cli.load_for_decoding(args, torch.device("cpu"))
         assert decode.precision == expected
-        assert {p.dtype for p in loaded.model.parameters()} == {cli.DECODE_DTYPES[expected]}
+        assert {p.dtype for p in loaded.model.parameters()} == {runtime.PRECISION_DTYPES[expected]}
         # Asking for bf16 where it is emulated is allowed, with a warning that it is slow.
         assert ("no native bf16" in caplog.text) == (flag == "bf16" and not native)
     evaluate.main(["--checkpoint", ckpt, "--json", "--device", "cpu", "--precision", "bf16"])

@@ -10,10 +10,7 @@ import torch
 
 from .checkpoint import LoadedModel, load_model
 from .config import DecodeConfig
-from .runtime import keep_freed_memory, resolve_device, resolve_precision
-
-# What decode.precision runs the model in (log-probabilities are computed in float32 either way).
-DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from .runtime import PRECISION_DTYPES, keep_freed_memory, resolve_device, resolve_precision
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, batch_tokens: bool = True) -> None:
@@ -70,5 +67,5 @@ def load_for_decoding(args: argparse.Namespace, device: torch.device) -> tuple[L
     loaded = load_model(args.checkpoint, device)
     decode = decode_settings(loaded.config.decode, args)
     decode = dataclasses.replace(decode, precision=resolve_precision(decode.precision, device))
-    loaded.model.to(DECODE_DTYPES[decode.precision])
+    loaded.model.to(PRECISION_DTYPES[decode.precision])  # log-probabilities stay float32 either way
     return loaded, decode

@@ -60,6 +60,10 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+# The dtype each resolved precision computes in (fp16 is only used through autocast, on CUDA).
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def has_native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 matrices in hardware, so that bf16 is a speed-up there.
 
