@@ -6,8 +6,8 @@
 
 Four sections, each selectable with --only:
 
-* train:  training-step throughput (forward + backward + Adam step, source + target non-pad tokens
-          per second) of `TranslationLoss` on our `Transformer` against the same model written with
+* train:  training-step throughput (forward + backward + fused Adam step, source + target non-pad
+          tokens per second) of `TranslationLoss` on our `Transformer` against the same model written with
           `torch.nn.Transformer` (full (B, T, V) logits, `F.cross_entropy(ignore_index=pad)`), on real
           token-bucketed Multi30k batches, in float32 and under bfloat16 autocast (on the same
           batches where the CPU has native bf16 instructions; on a few small ones where PyTorch
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -42,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -271,6 +272,12 @@ def precision_context(precision: str) -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
+def adam(trainer: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer both sides get: Adam in its fused form, the step `transformer-train` takes
+    (AdamW with its default weight decay of 0 is Adam)."""
+    return torch.optim.Adam(trainer.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
+
+
 def train_step(trainer: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, precision: str) -> float:
     """One forward + backward + Adam step; returns its wall-clock seconds."""
     start = time.perf_counter()
@@ -283,8 +290,8 @@ def train_step(trainer: nn.Module, optimizer: torch.optim.Optimizer, batch: Batc
 
 
 def interleaved(
-    runs: dict[str, Callable[[int], float]], n_items: int, repeats: int,
-) -> dict[str, list[list[float]]]:
+    runs: dict[Hashable, Callable[[int], float]], n_items: int, repeats: int,
+) -> dict[Hashable, list[list[float]]]:
     """Time several variants item by item, interleaved: item i of A, of B, ..., then item i + 1.
 
     The starting variant rotates every repeat, so neither side is always the one run first.
@@ -298,7 +305,7 @@ def interleaved(
         name -> times[repeat][item].
     """
     names = list(runs)
-    times: dict[str, list[list[float]]] = {name: [] for name in names}
+    times: dict[Hashable, list[list[float]]] = {name: [] for name in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in names:
@@ -315,27 +322,33 @@ def pass_seconds(times: list[list[float]]) -> float:
 
 
 def time_training(
-    trainers: dict[str, nn.Module], batches: list[Batch], precision: str, repeats: int, warmup: int,
-) -> dict[str, dict]:
-    """Interleaved training-step timings; warm-up steps (spread over the batches) not counted.
+    trainers: dict[str, nn.Module], batches: list[Batch], precisions: Sequence[str], repeats: int, warmup: int,
+) -> dict[str, dict[str, dict]]:
+    """Interleaved training-step timings of every model in every precision; warm-up steps (spread
+    over the batches) not counted.
+
+    Each (precision, model) pair trains its own copy of the model with its own optimizer, and all
+    pairs take turns batch by batch, so that a ratio across precisions is as side by side as one
+    within a precision.
 
     Returns:
-        name -> {"tokens_per_s", "seconds_per_pass", "tokens_per_pass", "batch_seconds": per batch median,
-        "passes_tokens_per_s": one figure per repeat}.
+        precision -> name -> {"tokens_per_s", "seconds_per_pass", "tokens_per_pass", "batch_seconds":
+        per batch median, "passes_tokens_per_s": one figure per repeat}.
     """
-    optimizers = {name: torch.optim.Adam(t.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
-                  for name, t in trainers.items()}
+    pairs = {(precision, name): trainer if i == 0 else copy.deepcopy(trainer)
+             for i, precision in enumerate(precisions) for name, trainer in trainers.items()}
+    optimizers = {pair: adam(trainer) for pair, trainer in pairs.items()}
     for batch in spread(batches, warmup):
-        for name, trainer in trainers.items():
-            train_step(trainer, optimizers[name], batch, precision)
-    runs = {name: (lambda i, t=trainer, o=optimizers[name]: train_step(t, o, batches[i], precision))
-            for name, trainer in trainers.items()}
+        for pair, trainer in pairs.items():
+            train_step(trainer, optimizers[pair], batch, pair[0])
+    runs = {pair: (lambda i, t=trainer, o=optimizers[pair], p=pair[0]: train_step(t, o, batches[i], p))
+            for pair, trainer in pairs.items()}
     times = interleaved(runs, len(batches), repeats)
     tokens = sum(n_tokens(b) for b in batches)
-    results = {}
-    for name, t in times.items():
+    results: dict[str, dict[str, dict]] = {precision: {} for precision in precisions}
+    for (precision, name), t in times.items():
         seconds = pass_seconds(t)
-        results[name] = {
+        results[precision][name] = {
             "tokens_per_s": tokens / seconds, "seconds_per_pass": seconds, "tokens_per_pass": tokens,
             "batch_seconds": [statistics.median(c) for c in zip(*t)],
             "passes_tokens_per_s": [tokens / sum(p) for p in t],
@@ -489,7 +502,7 @@ def memory_job(job: str, cfg: Config, args: argparse.Namespace) -> dict:
     setup = load_setup(cfg, args.memory_steps, args.decode_sentences)
     if job.startswith("train"):
         trainer = build_trainers(cfg, setup.vocab_size, args.seed)["ours" if job == "train-ours" else "nn.Transformer"]
-        optimizer = torch.optim.Adam(trainer.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+        optimizer = adam(trainer)
         precision = resolve_precision(cfg.train.precision, torch.device("cpu"))  # as the config trains here
         peak_reset, baseline = reset_peak_rss(), rss_mib()
         for batch in setup.train_batches:
@@ -572,7 +585,7 @@ def report(results: dict) -> str:
             ours, peer = train["bf16"]["models"]["ours"]["tokens_per_s"], train["fp32"]["models"]["nn.Transformer"]["tokens_per_s"]
             rows.append(["**ours in bfloat16 / nn.Transformer in float32**", "the same", f"{ours:,.0f}", f"{peer:,.0f}",
                          f"**{ours / peer:.2f}x**"])
-        out += ["", "Training step, forward + backward + Adam (source + target tokens/s, median of interleaved runs):", "",
+        out += ["", "Training step, forward + backward + fused Adam, both precisions interleaved (source + target tokens/s, medians):", "",
                 table(["precision", "batches", "ours", "nn.Transformer", "ours / nn.Transformer"], rows)]
     if "flops" in results:
         f = results["flops"]
@@ -613,25 +626,31 @@ def report(results: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 def run_train(cfg: Config, setup: Setup, args: argparse.Namespace) -> dict:
-    """Training throughput in float32 and under bfloat16 autocast."""
+    """Training throughput in float32 and under bfloat16 autocast.
+
+    Where bf16 is native, both precisions run interleaved on the same batches. Elsewhere (emulated
+    bf16 is ~20x slower than float32) float32 runs on the full batches, then bf16 and float32 on a
+    few small ones.
+    """
     trainers = build_trainers(cfg, setup.vocab_size, args.seed)
-    plan = [("fp32", setup.train_batches, "fp32", args.repeats, args.warmup)]
     if has_native_bf16(torch.device("cpu")):
-        plan.append(("bf16", setup.train_batches, "bf16", args.repeats, args.warmup))
+        plan = [(("fp32", "bf16"), setup.train_batches, args.repeats, args.warmup)]
     else:
-        # Emulated bf16 is ~20x slower than float32: a few small batches, and float32 on the same ones.
         small = [shrink(b, args.bf16_max_tokens) for b in spread(setup.train_batches, args.bf16_batches)]
-        plan += [("bf16", small, "bf16", args.bf16_repeats, 1), ("fp32_small", small, "fp32", args.repeats, 1)]
+        plan = [(("fp32",), setup.train_batches, args.repeats, args.warmup),
+                (("bf16", "fp32_small"), small, args.bf16_repeats, 1)]
     results = {}
-    for key, batches, precision, repeats, warmup in plan:
+    for keys, batches, repeats, warmup in plan:
         if not batches or repeats < 1:
             continue
-        progress(f"train {key}: {len(batches)} batches x {repeats} repeats")
-        results[key] = {
-            "models": time_training(trainers, batches, precision, repeats, warmup), "batches": len(batches),
-            "tokens": sum(n_tokens(b) for b in batches),
-            "shapes_b_s_t": [[b.src.size(0), b.src.size(1), b.tgt_in.size(1)] for b in batches],
-        }
+        progress(f"train {' + '.join(keys)}: {len(batches)} batches x {repeats} repeats")
+        precisions = ["fp32" if key == "fp32_small" else key for key in keys]
+        timed = time_training(trainers, batches, precisions, repeats, warmup)
+        for key, precision in zip(keys, precisions):
+            results[key] = {
+                "models": timed[precision], "batches": len(batches), "tokens": sum(n_tokens(b) for b in batches),
+                "shapes_b_s_t": [[b.src.size(0), b.src.size(1), b.tgt_in.size(1)] for b in batches],
+            }
     return results
 
 
@@ -646,7 +665,7 @@ def run_flops(cfg: Config, setup: Setup, args: argparse.Namespace, train: dict |
     timings: dict[str, dict] = {}
     if train is None or "fp32" not in train:
         progress(f"flops: timing ours, {len(batches)} batches x {args.repeats} repeats")
-        timings["fp32"] = time_training({"ours": trainers["ours"]}, batches, "fp32", args.repeats, args.warmup)
+        timings["fp32"] = time_training({"ours": trainers["ours"]}, batches, ["fp32"], args.repeats, args.warmup)["fp32"]
     else:
         timings["fp32"] = train["fp32"]["models"]
         if "bf16" in train and "fp32_small" not in train:

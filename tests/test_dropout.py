@@ -45,3 +45,16 @@ def test_seeded_and_eval_identity():
     assert layer.eval()(x) is x
     with pytest.raises(ValueError):
         Dropout(1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_elements_are_scaled_in_the_products_precision(dtype):
+    """Each kept element is x / (1 - p) rounded once in x's dtype (no scale pre-rounded to bf16)."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 200, dtype=dtype)
+    y = Dropout(0.1).train()(x)
+    assert y.dtype == dtype
+    kept = y != 0
+    scale = 65536 / (65536 - round(0.1 * 65536))
+    expected = (x.float() * torch.tensor(scale, dtype=torch.float32)).to(dtype)
+    assert torch.equal(y[kept], expected[kept])

@@ -15,7 +15,11 @@ class Dropout(nn.Module):
     Behaves as `torch.nn.Dropout`. On the CPU the mask is built from 64-bit random integers split
     into four 16-bit lanes instead of one Bernoulli draw per element: measured here, that draws the
     mask ~10x faster, and `nn.Dropout` was ~10% of a training step. The drop probability is then
-    rounded to a multiple of 1/65536 (0.1 becomes 0.0999908...). Other devices use `F.dropout`.
+    rounded to a multiple of 1/65536 (0.1 becomes 0.0999908...). The boolean mask is converted
+    to the input's dtype through a uint8 view before it multiplies: PyTorch's CPU kernels convert a
+    bool tensor, or a uint8 operand of a float32 product, element by element, but a uint8 tensor on
+    its own in vector registers. Measured here side by side on a (1978, 256) activation, that made
+    forward + backward 1.6x faster in float32 and in bfloat16. Other devices use `F.dropout`.
 
     Args:
         p: probability of an element being zeroed, in [0, 1).
@@ -39,7 +43,8 @@ class Dropout(nn.Module):
         n = x.numel()
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None)
         keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
-        return x.mul(keep).mul_(_LEVELS / (_LEVELS - round(self.p * _LEVELS)))
+        # The scale is applied to the product, not folded into the mask, where a bf16 mask would round it.
+        return (x * keep.view(torch.uint8).to(x.dtype)).mul_(_LEVELS / (_LEVELS - round(self.p * _LEVELS)))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
