@@ -137,21 +137,24 @@ def build_trainers(cfg: Config, vocab_size: int, seed: int) -> dict[str, nn.Modu
 # --------------------------------------------------------------------------------------------
 
 def training_flops(
-    batch_size: int, src_len: int, tgt_len: int, logit_rows: int, d_model: int, d_ff: int,
+    batch_size: int, src_len: int, tgt_len: int, encoder_rows: int, logit_rows: int, d_model: int, d_ff: int,
     n_encoder_layers: int, n_decoder_layers: int, vocab_size: int,
 ) -> int:
     """Matrix-multiplication FLOPs of one training step (forward + backward) of the Transformer.
 
     A (M, K) x (K, N) product costs 2·M·K·N forward and twice that backward (gradients of both
-    operands), so a training step costs 3x the forward count. Per layer, with B·L rows of width D:
-    attention projections 2·rows·D·D each (Q, K, V, output; cross-attention's K and V over the
-    source rows), Q K^T and A V 2·B·T·S·D each (summed over heads, d_k·H = D; masked entries
-    included, as dense kernels compute them), feed-forward 2·rows·D·d_ff twice. The output
-    projection costs 2·logit_rows·D·V. Embedding lookups, softmax and LayerNorm are not counted.
+    operands), so a training step costs 3x the forward count. Per layer, with `rows` rows of width
+    D: attention projections 2·rows·D·D each (Q, K, V, output; cross-attention's K and V over the
+    B·S source rows), Q K^T and A V 2·B·T·S·D each (summed over heads, d_k·H = D; masked entries
+    included, as dense kernels compute them), feed-forward 2·rows·D·d_ff twice. The encoder's
+    rows are `encoder_rows`, the decoder's B·T. The output projection costs 2·logit_rows·D·V.
+    Embedding lookups, softmax and LayerNorm are not counted.
 
     Args:
         batch_size: B.
         src_len, tgt_len: padded lengths S and T.
+        encoder_rows: source positions the encoder's projections and feed-forward run on: B·S
+            for a padded encoder, the non-pad count for ours (`Encoder` packs the real tokens).
         logit_rows: target positions that get logits: B·T for full logits, the non-pad count for
             `TranslationLoss`.
         d_model, d_ff, n_encoder_layers, n_decoder_layers, vocab_size: model dimensions.
@@ -162,9 +165,9 @@ def training_flops(
     B, S, T, D = batch_size, src_len, tgt_len, d_model
     src_rows, tgt_rows = B * S, B * T
     encoder_layer = (
-        2 * src_rows * D * 3 * D + 2 * src_rows * D * D  # Q, K, V and output projections
+        2 * encoder_rows * D * 3 * D + 2 * encoder_rows * D * D  # Q, K, V and output projections
         + 2 * (2 * B * S * S * D)  # Q K^T and A V
-        + 2 * (2 * src_rows * D * d_ff)  # feed-forward
+        + 2 * (2 * encoder_rows * D * d_ff)  # feed-forward
     )
     decoder_layer = (
         2 * tgt_rows * D * 3 * D + 2 * tgt_rows * D * D + 2 * (2 * B * T * T * D)  # causal self-attention
@@ -176,13 +179,15 @@ def training_flops(
     return 3 * forward
 
 
-def batch_flops(cfg: Config, vocab_size: int, batch: Batch, full_logits: bool) -> int:
-    """`training_flops` of one batch for the config's model."""
+def batch_flops(cfg: Config, vocab_size: int, batch: Batch, ours: bool) -> int:
+    """`training_flops` of one batch for the config's model: ours runs the encoder on the real
+    source tokens and the output projection on the real target tokens, the peer on every position."""
     B, S = batch.src.shape
     T = batch.tgt_in.size(1)
     m = cfg.model
-    rows = B * T if full_logits else batch.n_tgt_tokens
-    return training_flops(B, S, T, rows, m.d_model, m.d_ff, m.n_encoder_layers, m.n_decoder_layers, vocab_size)
+    encoder_rows, logit_rows = (batch.n_src_tokens, batch.n_tgt_tokens) if ours else (B * S, B * T)
+    return training_flops(B, S, T, encoder_rows, logit_rows, m.d_model, m.d_ff, m.n_encoder_layers,
+                          m.n_decoder_layers, vocab_size)
 
 
 def counted_flops(trainer: nn.Module, batch: Batch) -> int:
@@ -677,12 +682,12 @@ def run_flops(cfg: Config, setup: Setup, args: argparse.Namespace, train: dict |
     for precision, timed in timings.items():
         models[precision] = {}
         for name, r in timed.items():
-            flops = sum(batch_flops(cfg, setup.vocab_size, b, full_logits=name != "ours") for b in batches)
+            flops = sum(batch_flops(cfg, setup.vocab_size, b, ours=name == "ours") for b in batches)
             rate = flops / r["seconds_per_pass"]
             models[precision][name] = {"flops_per_pass": flops, "seconds_per_pass": r["seconds_per_pass"],
                                        "flop_per_s": rate, "fraction_of_peak": rate / peaks[precision]}
     batch = batches[len(batches) // 2]
-    check = {name: {"analytic": batch_flops(cfg, setup.vocab_size, batch, full_logits=name != "ours"),
+    check = {name: {"analytic": batch_flops(cfg, setup.vocab_size, batch, ours=name == "ours"),
                     "counted": counted_flops(trainer, batch)} for name, trainer in trainers.items()}
     shape = f"B={batch.src.size(0)}, S={batch.src.size(1)}, T={batch.tgt_in.size(1)}"
     return {"models": models, "peak_flop_per_s": peaks, "peak_size": args.peak_size,

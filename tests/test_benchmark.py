@@ -54,24 +54,30 @@ def padded_batch() -> Batch:
     return Batch(src, tgt_in, tgt_out, int(src.ne(PAD_ID).sum()), int(tgt_out.ne(PAD_ID).sum()))
 
 
-@pytest.mark.parametrize("full_logits", [False, True])
-def test_training_flops_match_flop_counter(full_logits):
+@pytest.mark.parametrize("ours", [True, False])
+def test_training_flops_match_flop_counter(ours):
     torch.manual_seed(0)
-    if full_logits:
-        trainer = benchmark.TorchTransformerLoss(V, D, H, F, N_ENC, N_DEC)
-    else:
+    if ours:
         trainer = TranslationLoss(Transformer(V, V, D, H, F, N_ENC, N_DEC, share_embeddings=True), 0.1)
+    else:
+        trainer = benchmark.TorchTransformerLoss(V, D, H, F, N_ENC, N_DEC)
     batch = padded_batch()
-    B, T = batch.tgt_in.shape
-    rows = B * T if full_logits else batch.n_tgt_tokens
-    analytic = benchmark.training_flops(B, batch.src.size(1), T, rows, D, F, N_ENC, N_DEC, V)
-    wrong_rows = benchmark.training_flops(B, batch.src.size(1), T, B * T + batch.n_tgt_tokens - rows, D, F, N_ENC,
-                                          N_DEC, V)
+    B, S = batch.src.shape
+    T = batch.tgt_in.size(1)
+    encoder_rows, logit_rows = (batch.n_src_tokens, batch.n_tgt_tokens) if ours else (B * S, B * T)
+    analytic = benchmark.training_flops(B, S, T, encoder_rows, logit_rows, D, F, N_ENC, N_DEC, V)
+    assert analytic == benchmark.batch_flops(Config(model=ModelConfig(d_model=D, n_heads=H, d_ff=F,
+                                                                      n_encoder_layers=N_ENC, n_decoder_layers=N_DEC)),
+                                             V, batch, ours)
+    other_encoder = benchmark.training_flops(B, S, T, B * S + batch.n_src_tokens - encoder_rows, logit_rows, D, F,
+                                             N_ENC, N_DEC, V)
+    other_logits = benchmark.training_flops(B, S, T, encoder_rows, B * T + batch.n_tgt_tokens - logit_rows, D, F,
+                                            N_ENC, N_DEC, V)
     counted = benchmark.counted_flops(trainer, batch)
-    # Matmul FLOPs are whole numbers fixed by the shapes: the count must be exact, and counting
-    # logits at the other set of target positions must be detectably wrong.
+    # Matmul FLOPs are whole numbers fixed by the shapes: the count must be exact, and counting the
+    # encoder or the logits at the other set of positions must be detectably wrong.
     assert analytic == counted
-    assert wrong_rows != counted
+    assert other_encoder != counted and other_logits != counted
 
 
 def test_peer_has_our_parameters():

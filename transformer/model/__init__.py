@@ -10,11 +10,12 @@ from .cache import AttentionCache, DecoderCache
 from .dropout import Dropout
 from .layers import DecoderLayer, EncoderLayer, FeedForward
 from .masks import attention_mask, causal_mask
+from .packing import TokenLayout
 from .positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding, sinusoidal_table
 from .transformer import Decoder, Encoder, Transformer
 
 __all__ = [
     "AttentionCache", "Decoder", "DecoderCache", "DecoderLayer", "Dropout", "Encoder", "EncoderLayer", "FeedForward",
-    "LearnedPositionalEmbedding", "MultiHeadAttention", "SinusoidalPositionalEncoding", "Transformer",
+    "LearnedPositionalEmbedding", "MultiHeadAttention", "SinusoidalPositionalEncoding", "TokenLayout", "Transformer",
     "attention_mask", "causal_mask", "scaled_dot_product_attention", "sinusoidal_table",
 ]

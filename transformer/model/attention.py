@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .cache import AttentionCache
 from .masks import attention_mask
+from .packing import TokenLayout
 
 # On the CPU, attention over at most this many keys runs the written-out form rather than PyTorch's
 # fused (flash) kernel: measured here with 4,000-query batches, the written-out form was faster up
@@ -84,11 +85,12 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
         cache: AttentionCache | None = None,
         need_weights: bool = False,
+        layout: TokenLayout | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attend from `query` to itself (self-attention) or to `memory` (cross-attention).
 
         Args:
-            query: (B, T, D).
+            query: (B, T, D); or (N, D), the real tokens of a padded batch, with `layout`.
             memory: (B, S, D) for cross-attention; None for self-attention. It may also have
                 B' = B / g rows, each shared by g consecutive query rows (the g hypotheses of one
                 sentence in beam search): the g * T queries then attend to it together, which
@@ -101,17 +103,27 @@ class MultiHeadAttention(nn.Module):
                 and attends over all of them; cross-attention projects `memory` on the first call,
                 stores it, and reuses it on later calls.
             need_weights: also return the attention weights (slower path).
+            layout: for self-attention without a cache over a packed `query`: where its N tokens
+                sit in the padded (B, T) batch. The projections then run on the N tokens only.
 
         Returns:
-            output (B, T, D) and, if `need_weights`, weights (B, H, T, S), else None.
+            output (B, T, D), or (N, D) with `layout`; and, if `need_weights`, weights
+            (B, H, T, S), else None.
         """
-        B, T, D = query.shape
         w, b = self.in_proj.weight, self.in_proj.bias
-        if memory is None:
+        if layout is not None:
+            if memory is not None or cache is not None:
+                raise ValueError("a packed query (layout) is for self-attention without a cache")
+            qkv = layout.unpack(F.linear(query, w, b))  # (B, T, 3D), zeros at padding
+            B, T, D = qkv.size(0), qkv.size(1), self.d_model
+            q, k, v = self._split_heads(qkv, 3)
+        elif memory is None:
+            B, T, D = query.shape
             q, k, v = self._split_heads(F.linear(query, w, b), 3)
             if cache is not None:
                 k, v = cache.append(k, v)
         else:
+            B, T, D = query.shape
             q = self._split_heads(F.linear(query, w[:D], None if b is None else b[:D]), 1)[0]
             if cache is not None and cache.key is not None:
                 k, v = cache.key, cache.value
@@ -144,4 +156,6 @@ class MultiHeadAttention(nn.Module):
             out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
         # (B', H, g * T, d_k) -> (B', g, T, H, d_k) -> (B, T, D)
         out = out.view(B_kv, H, g, T, self.d_k).permute(0, 2, 3, 1, 4).reshape(B, T, D)
+        if layout is not None:
+            out = layout.pack(out)
         return self.out_proj(out), weights

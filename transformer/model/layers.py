@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .attention import MultiHeadAttention
 from .dropout import Dropout
 from .cache import AttentionCache
+from .packing import TokenLayout
 
 
 class FeedForward(nn.Module):
@@ -61,18 +62,25 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, key_padding_mask: Tensor | None = None, layout: TokenLayout | None = None
+    ) -> Tensor:
         """Args:
-            x: (B, S, D).
+            x: (B, S, D); or (N, D), only the real tokens, with `layout`.
             key_padding_mask: (B, S) bool, True marks padding.
+            layout: where the N tokens of a packed `x` sit in the (B, S) batch. Every sub-layer
+                but attention is position-wise, so this runs them on the real tokens only.
 
         Returns:
-            (B, S, D).
+            the shape of `x`.
         """
+        def attend(h: Tensor) -> Tensor:
+            return self.self_attn(h, key_padding_mask=key_padding_mask, layout=layout)[0]
+
         if self.norm_first:
-            x = x + self.dropout(self.self_attn(self.norm1(x), key_padding_mask=key_padding_mask)[0])
+            x = x + self.dropout(attend(self.norm1(x)))
             return x + self.dropout(self.ff(self.norm2(x)))
-        x = self.norm1(x + self.dropout(self.self_attn(x, key_padding_mask=key_padding_mask)[0]))
+        x = self.norm1(x + self.dropout(attend(x)))
         return self.norm2(x + self.dropout(self.ff(x)))
 
 

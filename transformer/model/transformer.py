@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .cache import DecoderCache
 from .dropout import Dropout
 from .layers import DecoderLayer, EncoderLayer
+from .packing import TokenLayout
 from .positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
 
 if TYPE_CHECKING:
@@ -36,10 +37,20 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(d_model) if norm_first else None
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """(B, S, D) -> (B, S, D); `key_padding_mask` (B, S) bool, True marks padding."""
+        """(B, S, D) -> (B, S, D); `key_padding_mask` (B, S) bool, True marks padding.
+
+        With padding, the layers run on the real tokens only (see `TokenLayout`), and the output is
+        zero at padding positions.
+        """
+        layout = None
+        if key_padding_mask is not None and bool(key_padding_mask.any()):
+            layout = TokenLayout.from_padding_mask(key_padding_mask)
+            x = layout.pack(x)
         for layer in self.layers:
-            x = layer(x, key_padding_mask)
-        return x if self.norm is None else self.norm(x)
+            x = layer(x, key_padding_mask, layout)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x if layout is None else layout.unpack(x)
 
 
 class Decoder(nn.Module):
@@ -195,7 +206,7 @@ class Transformer(nn.Module):
             src: (B, S) source token ids, padded with `pad_id`.
 
         Returns:
-            memory (B, S, D). Pass `padding_mask(src)` along with it to `decode`.
+            memory (B, S, D), zero at padding. Pass `padding_mask(src)` along with it to `decode`.
         """
         return self.encoder(self._embed(self.src_embed, src), self.padding_mask(src))
 
