@@ -57,7 +57,7 @@ from transformer.model import Transformer, sinusoidal_table
 from transformer.runtime import PRECISION_DTYPES, has_native_bf16, keep_freed_memory, resolve_precision
 from transformer.search import beam_search
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_or_train_tokenizers
-from transformer.train import TranslationLoss
+from transformer.loss import TranslationLoss
 from transformer.translator import source_ids
 
 SECTIONS = ("train", "flops", "decode", "memory")

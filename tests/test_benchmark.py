@@ -11,7 +11,7 @@ from transformer.config import Config, ModelConfig
 from transformer.data import Batch
 from transformer.model import Transformer
 from transformer.tokenizer import PAD_ID
-from transformer.train import TranslationLoss
+from transformer.loss import TranslationLoss
 
 V, D, H, F, N_ENC, N_DEC = 40, 16, 2, 24, 2, 3
 

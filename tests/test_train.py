@@ -39,7 +39,8 @@ from transformer.data import BatchSampler, make_batches
 from transformer.model import Transformer
 from transformer.schedule import cooldown_factor, noam_lr
 from transformer.tokenizer import PAD_ID
-from transformer.train import TrainingError, TranslationLoss, main, train
+from transformer.loss import TranslationLoss
+from transformer.train import TrainingError, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "multi30k_de_en.yaml"

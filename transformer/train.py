@@ -24,7 +24,6 @@ from typing import Any, Sequence
 import sacrebleu
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -34,6 +33,7 @@ from .checkpoint import (
 )
 from .config import Config, ConfigError, TrainConfig, config_to_dict, load_config, save_config
 from .data import BatchSampler, DataError, ParallelData, collate, encode_pairs, load_split, make_batches
+from .loss import TranslationLoss
 from .model import Transformer
 from .plot import plot_metrics
 from .runtime import keep_freed_memory, resolve_device, resolve_precision
@@ -46,29 +46,6 @@ log = logging.getLogger("transformer.train")
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. the loss keeps diverging); the message says why."""
-
-
-class TranslationLoss(nn.Module):
-    """Label-smoothed cross entropy of a Transformer on one batch, summed over target tokens.
-
-    Logits are computed only at non-padding target positions: padding costs no output projection,
-    no softmax and no memory for a (B, T, V) tensor.
-    """
-
-    def __init__(self, model: Transformer, label_smoothing: float) -> None:
-        super().__init__()
-        self.model = model
-        self.label_smoothing = label_smoothing
-
-    def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> Tensor:
-        """src (B, S), tgt_in (B, T), tgt_out (B, T) -> summed loss (scalar, float32)."""
-        memory = self.model.encode(src)
-        hidden = self.model.decode_hidden(tgt_in, memory, self.model.padding_mask(src))  # (B, T, D)
-        real = tgt_out.ne(PAD_ID)
-        logits = self.model.project(hidden[real])  # (N, V) for the N real target tokens
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # the softmax over V classes needs float32 range and precision
-        return F.cross_entropy(logits, tgt_out[real], label_smoothing=self.label_smoothing, reduction="sum")
 
 
 @dataclass

@@ -1,0 +1,43 @@
+"""Label-smoothed cross entropy against PyTorch's F.cross_entropy, in float64, values and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer.loss import label_smoothed_cross_entropy
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # 30: rows whose softmax underflows to 0 for most classes
+def test_matches_torch_cross_entropy(smoothing, scale):
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 50, dtype=torch.float64) * scale).requires_grad_()
+    target = torch.randint(0, 50, (37,))
+    expected_logits = logits.detach().clone().requires_grad_()
+    loss = label_smoothed_cross_entropy(logits, target, smoothing)
+    expected = F.cross_entropy(expected_logits, target, label_smoothing=smoothing, reduction="sum")
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    upstream = torch.tensor(0.7, dtype=torch.float64)  # a gradient other than 1 must scale the result
+    (loss * upstream).backward()
+    (expected * upstream).backward()
+    torch.testing.assert_close(logits.grad, expected_logits.grad, rtol=0, atol=1e-12)
+
+
+def test_repeated_targets_and_half_precision_logits():
+    """A class that is the target of several rows gets each row's gradient; bf16 logits run in float32."""
+    torch.manual_seed(1)
+    logits = torch.randn(6, 9).bfloat16().requires_grad_()
+    target = torch.tensor([3, 3, 3, 0, 8, 3])
+    loss = label_smoothed_cross_entropy(logits, target, 0.1)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    reference = logits.detach().float().requires_grad_()
+    F.cross_entropy(reference, target, label_smoothing=0.1, reduction="sum").backward()
+    torch.testing.assert_close(loss, F.cross_entropy(logits.detach().float(), target, label_smoothing=0.1,
+                                                     reduction="sum"))
+    torch.testing.assert_close(logits.grad.float(), reference.grad, rtol=0, atol=1e-2)
+
+
+def test_rejects_smoothing_outside_unit_interval():
+    with pytest.raises(ValueError, match="label smoothing"):
+        label_smoothed_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 1.0)
