@@ -54,7 +54,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformer.config import Config, load_config
 from transformer.data import Batch, collate, encode_pairs, load_split, make_batches
 from transformer.model import Transformer, sinusoidal_table
-from transformer.runtime import PRECISION_DTYPES, has_native_bf16, keep_freed_memory, resolve_precision
+from transformer.runtime import (
+    PRECISION_DTYPES, bound_onednn_caches, has_native_bf16, keep_freed_memory, resolve_precision,
+)
 from transformer.search import beam_search
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_or_train_tokenizers
 from transformer.loss import TranslationLoss
@@ -756,6 +758,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # one process, so both sides of every comparison get the same allocator
+    bound_onednn_caches()  # and the same oneDNN kernel caches
     cfg = load_config(args.config, [f"train.max_tokens={args.max_tokens}"] if args.max_tokens else [])
     if args.memory_job is not None:
         print(json.dumps(memory_job(args.memory_job, cfg, args)))

@@ -10,7 +10,7 @@ import torch
 
 from .checkpoint import LoadedModel, load_model
 from .config import DecodeConfig
-from .runtime import PRECISION_DTYPES, keep_freed_memory, resolve_device, resolve_precision
+from .runtime import PRECISION_DTYPES, bound_onednn_caches, keep_freed_memory, resolve_device, resolve_precision
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, batch_tokens: bool = True) -> None:
@@ -40,6 +40,7 @@ def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.
     if args.alpha is not None and args.alpha < 0:
         parser.error("--alpha must be >= 0")
     keep_freed_memory()
+    bound_onednn_caches()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         return resolve_device(args.device)

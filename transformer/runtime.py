@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 
 import torch
 
@@ -36,6 +37,28 @@ def keep_freed_memory() -> bool:
     ok = mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
     log.debug("glibc malloc keeps freed memory: %s", ok)
     return ok
+
+
+# Distinct matmul shapes in one training step of the main job's model, forward and backward, fit in
+# this many entries with room to spare; see `bound_onednn_caches`.
+ONEDNN_CACHE_CAPACITY = 64
+
+
+def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
+    """Cap oneDNN's primitive cache and ideep's operator cache, unless the user has set them.
+
+    PyTorch runs bfloat16 matmuls on the CPU through oneDNN, which compiles and keeps a kernel per
+    distinct shape, up to 1,024 of each cache by default. Token-bucketed batches give every batch
+    new shapes, so those caches grew without reuse: measured here over 120 steps of the main job in
+    bf16, RSS climbed from 1.2 to 2.4 GiB by default and stayed at 1.0 GiB with both caps at 64,
+    and the steps were no slower (50.8 s against 57.4 s). With more distinct shapes than entries
+    in a cycle, an LRU cache misses anyway; a small one still serves the shapes one step repeats.
+
+    Both libraries read these variables when they first build a kernel, so this must run before the
+    process's first bf16 matmul on the CPU (the commands call it first thing).
+    """
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(name, str(capacity))
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

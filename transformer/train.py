@@ -36,7 +36,7 @@ from .data import BatchSampler, DataError, ParallelData, collate, encode_pairs, 
 from .loss import TranslationLoss
 from .model import Transformer
 from .plot import plot_metrics
-from .runtime import keep_freed_memory, resolve_device, resolve_precision
+from .runtime import bound_onednn_caches, keep_freed_memory, resolve_device, resolve_precision
 from .schedule import cooldown_factor, noam_lr
 from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers, load_or_train_tokenizers
 from .translator import translate
@@ -432,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=200")
     args = parser.parse_args(argv)
     keep_freed_memory()
+    bound_onednn_caches()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
