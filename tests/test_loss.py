@@ -41,3 +41,13 @@ def test_repeated_targets_and_half_precision_logits():
 def test_rejects_smoothing_outside_unit_interval():
     with pytest.raises(ValueError, match="label smoothing"):
         label_smoothed_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 1.0)
+
+
+def test_a_retained_graph_gives_the_same_gradient_twice():
+    torch.manual_seed(2)
+    logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 7, (5,))
+    loss = label_smoothed_cross_entropy(logits, target, 0.1)
+    first = torch.autograd.grad(loss, logits, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, logits)[0]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)

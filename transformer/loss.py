@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .model import Transformer
 from .tokenizer import PAD_ID
@@ -15,6 +16,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
     With q = (1 - eps) * onehot(y) + eps / V, the loss of a row is sum_j -q_j log p_j
     = lse - (1 - eps) z_y - eps * mean(z), and its gradient is p - q. The forward keeps p, so the
     backward is one pass over it: no second exponential, unlike `log_softmax` and its backward.
+    Double backward is not supported.
     """
 
     @staticmethod
@@ -29,10 +31,12 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         probs, target = ctx.saved_tensors
         smoothing = ctx.smoothing
-        grad_logits = probs.sub_(smoothing / probs.size(1))  # p - q, in place: p is not needed again
+        # p - q into a new tensor: p must survive a second backward (retain_graph=True).
+        grad_logits = probs - smoothing / probs.size(1)
         grad_logits[torch.arange(target.numel(), device=target.device), target] -= 1 - smoothing
         return grad_logits.mul_(grad), None, None
 
@@ -41,7 +45,7 @@ def label_smoothed_cross_entropy(logits: Tensor, target: Tensor, smoothing: floa
     """Cross entropy against (1 - smoothing) * onehot(target) + smoothing / V, summed over rows.
 
     Equals `F.cross_entropy(logits, target, label_smoothing=smoothing, reduction="sum")`; measured
-    here on (1376, 8000) float32 logits, forward + backward take 0.7x its time.
+    here on (1376, 8000) float32 logits, forward + backward take 0.8x its time.
 
     Args:
         logits: (N, V); float16/bfloat16 are computed in float32.
