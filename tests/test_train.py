@@ -86,7 +86,11 @@ def restore_process_state():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """Plain-text train/valid/test files for de -> en, and a tokenizer cache shared by the module's runs."""
-    folder = tmp_path_factory.mktemp("corpus")
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def write_corpus(folder: Path) -> Path:
+    """Write a tiny word-for-word de -> en corpus, train/valid/test, into `folder` and return it."""
     rng = random.Random(0)
     words = sorted(LEXICON)
     for split, n in SPLITS.items():

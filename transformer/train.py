@@ -142,7 +142,7 @@ def rng_states(world_size: int) -> list[dict[str, Tensor]]:
     """The random number generator states of every rank, in rank order (a collective under DDP)."""
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+        rng["cuda"] = torch.cuda.get_rng_state()  # this rank's GPU (train sets it as the current device)
     if world_size == 1:
         return [rng]
     gathered: list[Any] = [None] * world_size
@@ -159,7 +159,7 @@ def restore_rng(states: list[dict[str, Tensor]], rank: int, world_size: int, see
         return
     torch.set_rng_state(states[rank]["torch"])
     if "cuda" in states[rank] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states[rank]["cuda"])
+        torch.cuda.set_rng_state(states[rank]["cuda"])
 
 
 def checkpoint_state(
@@ -204,7 +204,9 @@ def _reduce(value: float, world_size: int, op: dist.ReduceOp = dist.ReduceOp.SUM
     """All-reduce one number across data-parallel ranks (a no-op for a single process)."""
     if world_size == 1:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    # NCCL reduces only GPU tensors: use this rank's GPU there, the CPU under gloo.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op)
     return tensor.item()
 
