@@ -51,3 +51,28 @@ def test_a_retained_graph_gives_the_same_gradient_twice():
     first = torch.autograd.grad(loss, logits, retain_graph=True)[0]
     second = torch.autograd.grad(loss, logits)[0]
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_target_probability_below_the_normal_range(dtype):
+    """Rows whose target probability is subnormal or 0 in `dtype` (the target logit 100-2000 under
+    the others) still get the exact loss, not inf or a rounded value; other rows are unaffected."""
+    torch.manual_seed(2)
+    logits = torch.randn(5, 40, dtype=torch.float64)
+    target = torch.tensor([7, 0, 39, 12, 7])
+    logits[0, 7] -= 100.0  # float32: p_y ~ 1e-45, subnormal
+    logits[2, 39] -= 2000.0  # 0 in both dtypes
+    logits[4, 7] -= 730.0  # float64: subnormal
+    expected = F.cross_entropy(logits, target, label_smoothing=0.1, reduction="none")
+    rows = []
+    for i in range(5):
+        z = logits[i : i + 1].to(dtype).requires_grad_()
+        rows.append(label_smoothed_cross_entropy(z, target[i : i + 1], 0.1))
+        rows[-1].backward()
+        assert torch.isfinite(z.grad).all()
+    loss = torch.stack(rows).double()
+    assert torch.isfinite(loss).all()
+    torch.testing.assert_close(loss, expected, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    batch = logits.to(dtype)
+    torch.testing.assert_close(label_smoothed_cross_entropy(batch, target, 0.1).double(), expected.sum(),
+                               rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
