@@ -29,6 +29,7 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         nll = target_prob.log().neg_()  # -log p_y, read off the softmax: no pass over the row
         # Below the normal range (a target logit ~87 or more under the row's largest in float32),
         # p_y has lost precision or underflowed to 0: those rows take lse - z_y from the logits.
+        # (On a GPU, nonzero waits for the device; training reads the loss every step anyway.)
         lost = (target_prob < torch.finfo(probs.dtype).tiny).nonzero().squeeze(1)
         if lost.numel():
             nll[lost] = torch.logsumexp(logits[lost], dim=1) - target_logit[lost]
