@@ -282,6 +282,13 @@ def test_top_k_equals_torch_topk(V, k, block):
     assert torch.equal(x.gather(1, ids), values)
 
 
+def test_top_k_of_a_non_contiguous_matrix():
+    x = torch.randn(300, 40, generator=torch.Generator().manual_seed(1)).t()  # (40, 300), strided
+    values, ids = top_k(x, 4, block=16)
+    expected_values, expected_ids = x.topk(4, dim=-1)
+    assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)
+
+
 def test_beam_search_with_blockwise_top_k_equals_torch_topk(monkeypatch):
     """A vocabulary wide enough for `top_k`'s blocks gives the same n-best lists as torch.topk."""
     model = random_model(5, vocab=700)
