@@ -38,6 +38,24 @@ def test_repeated_targets_and_half_precision_logits():
     torch.testing.assert_close(logits.grad.float(), reference.grad, rtol=0, atol=1e-2)
 
 
+def test_half_precision_gradient_is_rounded_once():
+    """bf16 logits get the float64 gradient rounded to bf16, also where p_y - (1 - eps) cancels.
+
+    Targets with p_y ~ 0.9 (logit 7.9 over 299 zeros) have gradients ~100x smaller than p_y: a
+    gradient formed in bf16 before the target term is subtracted would be off by ~100%.
+    """
+    torch.manual_seed(3)
+    logits = torch.randn(64, 300) * 0.01
+    target = torch.randint(0, 300, (64,))
+    logits[torch.arange(64), target] = torch.linspace(7.5, 8.3, 64)
+    logits = logits.bfloat16().requires_grad_()
+    label_smoothed_cross_entropy(logits, target, 0.1).backward()
+    reference = logits.detach().double().requires_grad_()
+    F.cross_entropy(reference, target, label_smoothing=0.1, reduction="sum").backward()
+    assert logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.grad.double(), reference.grad, rtol=2**-8, atol=1e-9)
+
+
 def test_rejects_smoothing_outside_unit_interval():
     with pytest.raises(ValueError, match="label smoothing"):
         label_smoothed_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 1.0)
