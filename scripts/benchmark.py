@@ -13,8 +13,8 @@ Four sections, each selectable with --only:
           batches where the CPU has native bf16 instructions; on a few small ones where PyTorch
           has to emulate bf16, which is many times slower).
 * flops:  achieved matmul FLOP/s of our training step (FLOPs counted analytically, cross-checked
-          with `torch.utils.flop_counter.FlopCounterMode`) as a fraction of a large matmul's, in
-          float32 and, where bf16 is native, in bfloat16.
+          with `torch.utils.flop_counter.FlopCounterMode`) as a fraction of a large matmul's, timed
+          between the training steps, in float32 and, where bf16 is native, in bfloat16.
 * decode: beam-4 decoding of test_2016_flickr: ours with and without the key/value cache against
           Hugging Face's `MarianMTModel.generate` (same dimensions, random weights), on the same
           token-bucketed batches, in float32 and (where bf16 is native) with both models' weights in
@@ -63,6 +63,7 @@ from transformer.loss import TranslationLoss
 from transformer.translator import source_ids
 
 SECTIONS = ("train", "flops", "decode", "memory")
+PEAK = "matmul peak"  # the run timing the peak matmul among the training steps
 MEMORY_JOBS = ("train-ours", "train-peer", "decode-ours", "decode-hf")
 _START = time.perf_counter()
 
@@ -206,16 +207,16 @@ def counted_flops(trainer: nn.Module, batch: Batch) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """Median FLOP/s of an (n, n) x (n, n) `torch.matmul` in `dtype`, after one warm-up."""
+def matmul_run(n: int, dtype: torch.dtype) -> Callable[[int], float]:
+    """A run for `interleaved`: one (n, n) x (n, n) `torch.matmul` in `dtype`, returning its seconds."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)
-    times = []
-    for _ in range(repeats):
+
+    def run(_: int) -> float:
         start = time.perf_counter()
         torch.matmul(a, b)
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times)
+        return time.perf_counter() - start
+
+    return run
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,37 +331,49 @@ def pass_seconds(times: list[list[float]]) -> float:
 
 def time_training(
     trainers: dict[str, nn.Module], batches: list[Batch], precisions: Sequence[str], repeats: int, warmup: int,
-) -> dict[str, dict[str, dict]]:
-    """Interleaved training-step timings of every model in every precision; warm-up steps (spread
-    over the batches) not counted.
+    peak_size: int = 2048,
+) -> tuple[dict[str, dict[str, dict]], dict[str, float]]:
+    """Interleaved training-step timings of every model in every precision, and the matmul peak
+    in each precision timed among them; warm-up steps (spread over the batches) not counted.
 
     Each (precision, model) pair trains its own copy of the model with its own optimizer, and all
     pairs take turns batch by batch, so that a ratio across precisions is as side by side as one
-    within a precision.
+    within a precision. After each batch's steps, a (peak_size, peak_size) matmul is timed in each
+    precision, so that the peak that achieved FLOP/s are divided by is measured at the same
+    moments as the steps (a shared machine's speed drifts by tens of percent within minutes).
 
     Returns:
         precision -> name -> {"tokens_per_s", "seconds_per_pass", "tokens_per_pass", "batch_seconds":
-        per batch median, "passes_tokens_per_s": one figure per repeat}.
+        per batch median, "passes_tokens_per_s": one figure per repeat}; and precision -> median
+        FLOP/s of the matmul.
     """
     pairs = {(precision, name): trainer if i == 0 else copy.deepcopy(trainer)
              for i, precision in enumerate(precisions) for name, trainer in trainers.items()}
     optimizers = {pair: adam(trainer) for pair, trainer in pairs.items()}
+    matmuls = {(precision, PEAK): matmul_run(peak_size, PRECISION_DTYPES[precision]) for precision in precisions}
     for batch in spread(batches, warmup):
         for pair, trainer in pairs.items():
             train_step(trainer, optimizers[pair], batch, pair[0])
-    runs = {pair: (lambda i, t=trainer, o=optimizers[pair], p=pair[0]: train_step(t, o, batches[i], p))
-            for pair, trainer in pairs.items()}
-    times = interleaved(runs, len(batches), repeats)
+    for run in matmuls.values():
+        run(0)
+    runs: dict[Hashable, Callable[[int], float]] = {
+        pair: (lambda i, t=trainer, o=optimizers[pair], p=pair[0]: train_step(t, o, batches[i], p))
+        for pair, trainer in pairs.items()}
+    times = interleaved({**runs, **matmuls}, len(batches), repeats)
     tokens = sum(n_tokens(b) for b in batches)
     results: dict[str, dict[str, dict]] = {precision: {} for precision in precisions}
     for (precision, name), t in times.items():
+        if name == PEAK:
+            continue
         seconds = pass_seconds(t)
         results[precision][name] = {
             "tokens_per_s": tokens / seconds, "seconds_per_pass": seconds, "tokens_per_pass": tokens,
             "batch_seconds": [statistics.median(c) for c in zip(*t)],
             "passes_tokens_per_s": [tokens / sum(p) for p in t],
         }
-    return results
+    peaks = {precision: 2 * peak_size**3 / statistics.median(x for p in times[(precision, PEAK)] for x in p)
+             for precision in precisions}
+    return results, peaks
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,7 +615,7 @@ def report(results: dict) -> str:
                 for precision, models in f["models"].items() for name, r in models.items()]
         check = f["check"]
         out += ["", "Achieved matmul FLOP/s of the training step (FLOPs counted analytically), against the peak of "
-                f"a {f['peak_size']}² matmul in the same precision:", "",
+                f"a {f['peak_size']}² matmul in the same precision (median, timed between the training steps):", "",
                 table(["model", "precision", "GFLOP per pass", "s per pass", "GFLOP/s", "peak GFLOP/s", "fraction"], rows),
                 "", f"FLOP count check on one batch {check['shape']}: "
                 + ", ".join(f"{name} {c['analytic'] / 1e9:.3f} GFLOP analytic vs {c['counted'] / 1e9:.3f} FlopCounterMode"
@@ -652,10 +665,11 @@ def run_train(cfg: Config, setup: Setup, args: argparse.Namespace) -> dict:
             continue
         progress(f"train {' + '.join(keys)}: {len(batches)} batches x {repeats} repeats")
         precisions = ["fp32" if key == "fp32_small" else key for key in keys]
-        timed = time_training(trainers, batches, precisions, repeats, warmup)
+        timed, peaks = time_training(trainers, batches, precisions, repeats, warmup, args.peak_size)
         for key, precision in zip(keys, precisions):
             results[key] = {
-                "models": timed[precision], "batches": len(batches), "tokens": sum(n_tokens(b) for b in batches),
+                "models": timed[precision], "peak_flop_per_s": peaks[precision], "batches": len(batches),
+                "tokens": sum(n_tokens(b) for b in batches),
                 "shapes_b_s_t": [[b.src.size(0), b.src.size(1), b.tgt_in.size(1)] for b in batches],
             }
     return results
@@ -670,16 +684,16 @@ def run_flops(cfg: Config, setup: Setup, args: argparse.Namespace, train: dict |
     trainers = build_trainers(cfg, setup.vocab_size, args.seed)
     batches = setup.train_batches
     timings: dict[str, dict] = {}
+    peaks: dict[str, float] = {}
     if train is None or "fp32" not in train:
         progress(f"flops: timing ours, {len(batches)} batches x {args.repeats} repeats")
-        timings["fp32"] = time_training({"ours": trainers["ours"]}, batches, ["fp32"], args.repeats, args.warmup)["fp32"]
+        ours_only, peaks = time_training({"ours": trainers["ours"]}, batches, ["fp32"], args.repeats, args.warmup,
+                                         args.peak_size)
+        timings["fp32"] = ours_only["fp32"]
     else:
-        timings["fp32"] = train["fp32"]["models"]
-        if "bf16" in train and "fp32_small" not in train:
-            timings["bf16"] = train["bf16"]["models"]
-    progress(f"flops: peak of a {args.peak_size}² matmul, FlopCounterMode check")
-    peaks = {precision: matmul_peak(args.peak_size, args.peak_repeats, PRECISION_DTYPES[precision])
-             for precision in timings}
+        for precision in ["fp32"] + (["bf16"] if "bf16" in train and "fp32_small" not in train else []):
+            timings[precision], peaks[precision] = train[precision]["models"], train[precision]["peak_flop_per_s"]
+    progress("flops: FlopCounterMode check")
     models: dict[str, dict] = {}
     for precision, timed in timings.items():
         models[precision] = {}
@@ -730,7 +744,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="on a CPU without native bf16, bfloat16 batches are cut to this many tokens per side")
     parser.add_argument("--bf16-repeats", type=int, default=2, help="bfloat16 repeats on a CPU without native bf16")
     parser.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul measuring the peak")
-    parser.add_argument("--peak-repeats", type=int, default=7)
     parser.add_argument("--decode-sentences", type=int, default=1000, help="test sentences to decode")
     parser.add_argument("--decode-repeats", type=int, default=2)
     parser.add_argument("--beam-size", type=int, default=4)
@@ -748,7 +761,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.max_tokens, args.batches, args.repeats, args.warmup = 200, 2, 1, 1
         args.bf16_batches, args.bf16_max_tokens, args.bf16_repeats = 1, 24, 1
-        args.peak_size, args.peak_repeats = 1024, 3
+        args.peak_size = 1024
         args.decode_sentences, args.decode_repeats = 6, 1
         args.memory_steps = 1
     return args

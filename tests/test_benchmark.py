@@ -80,6 +80,24 @@ def test_training_flops_match_flop_counter(ours):
     assert other_encoder != counted and other_logits != counted
 
 
+def test_the_peak_matmul_is_timed_among_the_training_steps(monkeypatch):
+    """One warm-up matmul, then one after every batch's steps in every repeat; not a model row."""
+    calls = []
+    make_run = benchmark.matmul_run
+
+    def counting_run(n, dtype):
+        run = make_run(n, dtype)
+        return lambda i: calls.append(i) or run(i)
+
+    monkeypatch.setattr(benchmark, "matmul_run", counting_run)
+    torch.manual_seed(0)
+    trainer = TranslationLoss(Transformer(V, V, D, H, F, N_ENC, N_DEC, share_embeddings=True), 0.1)
+    results, peaks = benchmark.time_training({"ours": trainer}, [padded_batch(), padded_batch()], ["fp32"],
+                                             repeats=2, warmup=1, peak_size=32)
+    assert calls == [0, 0, 1, 0, 1]
+    assert list(results["fp32"]) == ["ours"] and list(peaks) == ["fp32"] and peaks["fp32"] > 0
+
+
 def test_peer_has_our_parameters():
     """Same matrices on both sides; nn.Transformer only adds a final LayerNorm per stack."""
     ours = Transformer(V, V, D, H, F, N_ENC, N_DEC, share_embeddings=True)
