@@ -339,18 +339,20 @@ def time_training(
     Each (precision, model) pair trains its own copy of the model with its own optimizer, and all
     pairs take turns batch by batch, so that a ratio across precisions is as side by side as one
     within a precision. After each batch's steps, a (peak_size, peak_size) matmul is timed in each
-    precision, so that the peak that achieved FLOP/s are divided by is measured at the same
-    moments as the steps (a shared machine's speed drifts by tens of percent within minutes).
+    precision (none if peak_size is 0), so that the peak that achieved FLOP/s are divided by is
+    measured at the same moments as the steps (a shared machine's speed drifts by tens of percent
+    within minutes).
 
     Returns:
         precision -> name -> {"tokens_per_s", "seconds_per_pass", "tokens_per_pass", "batch_seconds":
         per batch median, "passes_tokens_per_s": one figure per repeat}; and precision -> median
-        FLOP/s of the matmul.
+        FLOP/s of the matmul ({} if peak_size is 0).
     """
     pairs = {(precision, name): trainer if i == 0 else copy.deepcopy(trainer)
              for i, precision in enumerate(precisions) for name, trainer in trainers.items()}
     optimizers = {pair: adam(trainer) for pair, trainer in pairs.items()}
-    matmuls = {(precision, PEAK): matmul_run(peak_size, PRECISION_DTYPES[precision]) for precision in precisions}
+    matmuls = {(precision, PEAK): matmul_run(peak_size, PRECISION_DTYPES[precision])
+               for precision in precisions if peak_size > 0}
     for batch in spread(batches, warmup):
         for pair, trainer in pairs.items():
             train_step(trainer, optimizers[pair], batch, pair[0])
@@ -372,7 +374,7 @@ def time_training(
             "passes_tokens_per_s": [tokens / sum(p) for p in t],
         }
     peaks = {precision: 2 * peak_size**3 / statistics.median(x for p in times[(precision, PEAK)] for x in p)
-             for precision in precisions}
+             for precision, _ in matmuls}
     return results, peaks
 
 
@@ -585,6 +587,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
+def pass_ratios(faster: dict, slower: dict) -> str:
+    """Each timed pass's throughput ratio, e.g. "1.28, 1.31, 1.30" (passes are interleaved)."""
+    return ", ".join(f"{a / b:.2f}" for a, b in zip(faster["passes_tokens_per_s"], slower["passes_tokens_per_s"]))
+
+
 def report(results: dict) -> str:
     """The markdown tables of whatever sections ran."""
     m = results["machine"]
@@ -598,15 +605,18 @@ def report(results: dict) -> str:
             if key not in train:
                 continue
             r = train[key]
-            ours, peer = (r["models"][name]["tokens_per_s"] for name in ("ours", "nn.Transformer"))
-            rows.append([label, f"{r['batches']} ({r['tokens']:,} tokens)", f"{ours:,.0f}", f"{peer:,.0f}",
-                         f"{ours / peer:.2f}x"])
+            ours, peer = r["models"]["ours"], r["models"]["nn.Transformer"]
+            rows.append([label, f"{r['batches']} ({r['tokens']:,} tokens)", f"{ours['tokens_per_s']:,.0f}",
+                         f"{peer['tokens_per_s']:,.0f}", f"{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x",
+                         pass_ratios(ours, peer)])
         if "fp32_small" not in train and "bf16" in train:  # bf16 ran on the float32 batches
-            ours, peer = train["bf16"]["models"]["ours"]["tokens_per_s"], train["fp32"]["models"]["nn.Transformer"]["tokens_per_s"]
-            rows.append(["**ours in bfloat16 / nn.Transformer in float32**", "the same", f"{ours:,.0f}", f"{peer:,.0f}",
-                         f"**{ours / peer:.2f}x**"])
-        out += ["", "Training step, forward + backward + fused Adam, both precisions interleaved (source + target tokens/s, medians):", "",
-                table(["precision", "batches", "ours", "nn.Transformer", "ours / nn.Transformer"], rows)]
+            ours, peer = train["bf16"]["models"]["ours"], train["fp32"]["models"]["nn.Transformer"]
+            rows.append(["**ours in bfloat16 / nn.Transformer in float32**", "the same", f"{ours['tokens_per_s']:,.0f}",
+                         f"{peer['tokens_per_s']:,.0f}", f"**{ours['tokens_per_s'] / peer['tokens_per_s']:.2f}x**",
+                         pass_ratios(ours, peer)])
+        out += ["", "Training step, forward + backward + fused Adam, both precisions interleaved (source + target "
+                "tokens/s, medians; the last column is the ratio of each timed pass over all the batches):", "",
+                table(["precision", "batches", "ours", "nn.Transformer", "ours / nn.Transformer", "per pass"], rows)]
     if "flops" in results:
         f = results["flops"]
         rows = [[name, precision, f"{r['flops_per_pass'] / 1e9:,.1f}", f"{r['seconds_per_pass']:.2f}",
@@ -665,10 +675,12 @@ def run_train(cfg: Config, setup: Setup, args: argparse.Namespace) -> dict:
             continue
         progress(f"train {' + '.join(keys)}: {len(batches)} batches x {repeats} repeats")
         precisions = ["fp32" if key == "fp32_small" else key for key in keys]
-        timed, peaks = time_training(trainers, batches, precisions, repeats, warmup, args.peak_size)
+        # The FLOP section divides by the peak only for timings on the full batches.
+        peak_size = 0 if "fp32_small" in keys else args.peak_size
+        timed, peaks = time_training(trainers, batches, precisions, repeats, warmup, peak_size)
         for key, precision in zip(keys, precisions):
             results[key] = {
-                "models": timed[precision], "peak_flop_per_s": peaks[precision], "batches": len(batches),
+                "models": timed[precision], "peak_flop_per_s": peaks.get(precision), "batches": len(batches),
                 "tokens": sum(n_tokens(b) for b in batches),
                 "shapes_b_s_t": [[b.src.size(0), b.src.size(1), b.tgt_in.size(1)] for b in batches],
             }

@@ -96,6 +96,10 @@ def test_the_peak_matmul_is_timed_among_the_training_steps(monkeypatch):
                                              repeats=2, warmup=1, peak_size=32)
     assert calls == [0, 0, 1, 0, 1]
     assert list(results["fp32"]) == ["ours"] and list(peaks) == ["fp32"] and peaks["fp32"] > 0
+    calls.clear()
+    results, peaks = benchmark.time_training({"ours": trainer}, [padded_batch()], ["fp32"], repeats=1, warmup=1,
+                                             peak_size=0)
+    assert calls == [] and peaks == {} and list(results["fp32"]) == ["ours"]
 
 
 def test_peer_has_our_parameters():
