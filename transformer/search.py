@@ -311,8 +311,7 @@ def beam_search(
         scores = top_scores.gather(1, keep)
         beam_rows = rows.gather(1, keep).view(-1)
         prefix = torch.cat([prefix[beam_rows], tokens.gather(1, keep).view(-1, 1)], dim=1)
-        if cache is not None:
-            cache.reorder_beams(beam_rows // g)  # also spreads the first step's one row to K
+        cache_rows = beam_rows // g  # the decoded row each new hypothesis extends
 
         bound = scores[:, 0] / length_penalty_factor(max_lengths + 1, length_penalty)
         done = (n_finished >= K) | (max_lengths == step) | (bound <= threshold)
@@ -325,7 +324,11 @@ def beam_search(
             prefix = prefix[active_rows]
             memory, src_mask = memory.index_select(0, active), src_mask.index_select(0, active)
             if cache is not None:
-                cache.select(active_rows, memory_index=active)
+                # One copy of the self-attention entries for both the beam reordering and the
+                # dropping of finished sentences.
+                cache.select(cache_rows[active_rows], memory_index=active)
+        elif cache is not None:
+            cache.reorder_beams(cache_rows)  # also spreads the first step's one row to K
         step += 1
     return [sorted(hypotheses, key=lambda h: -h.score)[:n_best] for hypotheses in finished]
 
