@@ -485,8 +485,8 @@ def time_decoding(
     for name, t in times.items():
         seconds = pass_seconds(t)
         results[name] = {"sentences_per_s": sentences / seconds, "tokens_per_s": tokens / seconds,
-                         "seconds_per_pass": seconds, "sentences": sentences, "tokens": tokens,
-                         "batches": len(batches)}
+                         "seconds_per_pass": seconds, "passes_tokens_per_s": [tokens / sum(p) for p in t],
+                         "sentences": sentences, "tokens": tokens, "batches": len(batches)}
     return results
 
 
@@ -634,14 +634,16 @@ def report(results: dict) -> str:
         d = results["decode"]
         for runs in d["comparisons"]:
             base = runs["ours (cache)"]
-            rows = [[name, f"{r['sentences_per_s']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['seconds_per_pass']:.1f}"]
+            rows = [[name, f"{r['sentences_per_s']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['seconds_per_pass']:.1f}", ""]
                     for name, r in runs.items()]
-            rows += [[f"**{label}**", f"**{runs[fast]['sentences_per_s'] / runs[slow]['sentences_per_s']:.2f}x**", "", ""]
+            rows += [[f"**{label}**", f"**{runs[fast]['sentences_per_s'] / runs[slow]['sentences_per_s']:.2f}x**", "", "",
+                      pass_ratios(runs[fast], runs[slow])]
                      for fast, slow, label in DECODE_RATIOS if fast in runs and slow in runs]
             caption = (f"Beam-{d['beam_size']} decoding, {base['sentences']} test sentences in {base['batches']} "
                        f"batches, each sentence decoded for its batch's padded source length "
-                       f"({base['tokens']:,} target tokens); ratios of sentences/s:")
-            out += ["", caption, "", table(["decoder", "sentences/s", "target tokens/s", "s per pass"], rows)]
+                       f"({base['tokens']:,} target tokens); ratios of sentences/s (medians per batch; the last "
+                       "column is the ratio of each timed pass over all the batches):")
+            out += ["", caption, "", table(["decoder", "sentences/s", "target tokens/s", "s per pass", "per pass"], rows)]
     if "memory" in results:
         rows = [[job, r["work"], f"{r['peak_mib']:,.0f}", f"{r['peak_mib'] - r['baseline_mib']:,.0f}"]
                 for job, r in results["memory"].items()]
