@@ -661,8 +661,8 @@ def run_train(cfg: Config, setup: Setup, args: argparse.Namespace) -> dict:
     """Training throughput in float32 and under bfloat16 autocast.
 
     Where bf16 is native, both precisions run interleaved on the same batches. Elsewhere (emulated
-    bf16 is ~20x slower than float32) float32 runs on the full batches, then bf16 and float32 on a
-    few small ones.
+    bf16 is many times slower than float32) float32 runs on the full batches, then bf16 and float32
+    on a few small ones.
     """
     trainers = build_trainers(cfg, setup.vocab_size, args.seed)
     if has_native_bf16(torch.device("cpu")):

@@ -19,9 +19,9 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc reuse freed memory instead of returning it to the OS at every free.
 
     By default glibc serves every allocation above 128 KiB-32 MiB with a fresh `mmap` and unmaps
-    it on free, so each activation tensor of each training step is page-faulted in anew: measured
-    here, that first-touch cost made a training step ~1.9x slower than with the memory kept. The
-    heap then stays at its peak size, which is what a training loop needs anyway.
+    it on free, so each activation tensor of each training step is page-faulted in anew, and that
+    first-touch cost dominates a CPU training step (docs/benchmarks.md). The heap then stays at
+    its peak size, which is what a training loop needs anyway.
 
     Returns:
         True if the allocator was reconfigured (glibc found), False otherwise (no change).
@@ -39,8 +39,8 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-# Distinct matmul shapes in one training step of the main job's model, forward and backward, fit in
-# this many entries with room to spare; see `bound_onednn_caches`.
+# Distinct matmul shapes in one training step of a translation model, forward and backward, fit in
+# this many entries with room to spare; see `bound_onednn_caches` and docs/benchmarks.md.
 ONEDNN_CACHE_CAPACITY = 64
 
 
@@ -49,10 +49,10 @@ def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
 
     PyTorch runs bfloat16 matmuls on the CPU through oneDNN, which compiles and keeps a kernel per
     distinct shape, up to 1,024 of each cache by default. Token-bucketed batches give every batch
-    new shapes, so those caches grew without reuse: measured here over 120 steps of the main job in
-    bf16, RSS climbed from 1.2 to 2.4 GiB by default and stayed at 1.0 GiB with both caps at 64,
-    and the steps were no slower (50.8 s against 57.4 s). With more distinct shapes than entries
-    in a cycle, an LRU cache misses anyway; a small one still serves the shapes one step repeats.
+    new shapes, so at their default size those caches keep growing without reuse and a bf16 run's
+    memory climbs step after step; capped, it stays flat and the steps are no slower
+    (docs/benchmarks.md). With more distinct shapes than entries in a cycle, an LRU cache misses
+    anyway; a small one still serves the shapes one step repeats.
 
     Both libraries read these variables when they first build a kernel, so this must run before the
     process's first bf16 matmul on the CPU (the commands call it first thing).
@@ -91,8 +91,7 @@ def has_native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 matrices in hardware, so that bf16 is a speed-up there.
 
     True for a CUDA GPU that supports bf16 and for a CPU with AVX512-BF16 or AMX; on other CPUs
-    PyTorch emulates bf16 matrix products, which measured ~20-25x slower than float32 on an AVX2
-    machine.
+    PyTorch emulates bf16 matrix products, many times slower than float32.
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

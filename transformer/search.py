@@ -87,13 +87,13 @@ def _check_lengths(max_len_a: float, max_len_b: int) -> None:
 def top_k(x: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
     """The k largest entries of each row and their column indices, best first, as `torch.topk`.
 
-    Exact, and faster than `torch.topk` on wide rows (measured 2.0x on 1,452 x 8,000 log-probs with
-    k = 8): the columns are cut into blocks of `block`, and since each of a row's k largest entries
-    lies in a block whose maximum is at least that large, all of them lie in the k blocks with the
-    largest maxima. So one cheap pass takes every block's maximum, the k best blocks of each row
-    are copied out as whole contiguous runs, and the full selection runs only over those (plus
-    the columns after the last whole block). Among tied entries the choice of index may differ
-    from `torch.topk`'s.
+    Exact, and faster than `torch.topk` on wide rows such as a beam's log-probabilities over the
+    vocabulary (docs/benchmarks.md): the columns are cut into blocks of `block`, and since each of
+    a row's k largest entries lies in a block whose maximum is at least that large, all of them lie
+    in the k blocks with the largest maxima. So one cheap pass takes every block's maximum, the k
+    best blocks of each row are copied out as whole contiguous runs, and the full selection runs
+    only over those (plus the columns after the last whole block). Among tied entries the choice
+    of index may differ from `torch.topk`'s.
 
     Args:
         x: (R, V).
@@ -111,7 +111,7 @@ def top_k(x: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
     whole = n_blocks * block  # columns in whole blocks
     best = x[:, :whole].unflatten(1, (n_blocks, block)).amax(dim=-1).topk(k, dim=-1).indices  # (R, k)
     # Row i of `runs` is the `block` entries from flat position i: selecting rows copies whole blocks
-    # (measured 1.4x faster than `gather` with a block-wide index).
+    # (faster than `gather` with a block-wide index).
     runs = x.view(-1).unfold(0, block, 1)
     starts = best * block + torch.arange(0, R * V, V, device=x.device).unsqueeze(1)
     values = runs.index_select(0, starts.view(-1)).view(R, k * block)
@@ -153,7 +153,7 @@ def _best_next_tokens(
     logits = model.project(hidden)  # (R, V)
     dtype = torch.promote_types(logits.dtype, torch.float32)
     if normalise:
-        # One fused pass that also widens bfloat16 logits; measured faster than logsumexp alone,
+        # One fused pass that also widens bfloat16 logits; faster than logsumexp alone,
         # which PyTorch runs as several passes.
         scores = logits.log_softmax(dim=-1, dtype=dtype)
     else:

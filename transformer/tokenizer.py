@@ -28,7 +28,7 @@ BOS_ID = 2
 EOS_ID = 3
 _SPECIAL_IDS = frozenset((PAD_ID, BOS_ID, EOS_ID))
 
-# Threads for SentencePiece training and batch encoding; the host is shared, so stay modest.
+# Threads for SentencePiece training and batch encoding; few, so that tokenizing never takes a whole machine.
 _NUM_THREADS = min(4, os.cpu_count() or 1)
 
 

@@ -273,8 +273,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
     trainer: nn.Module = loss_fn
     if world_size > 1:
         trainer = nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
-    # fused: one kernel over all parameters; measured 7 ms against 32 ms for the default (foreach)
-    # step of the main job's model on 2 CPU threads.
+    # fused: one kernel over all parameters, several times faster on the CPU than the default
+    # (foreach) step.
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay,
         fused=True,

@@ -13,9 +13,8 @@ from .masks import attention_mask
 from .packing import TokenLayout
 
 # On the CPU, attention over at most this many keys runs the written-out form rather than PyTorch's
-# fused (flash) kernel: measured here with 4,000-query batches, the written-out form was faster up
-# to ~100 keys (forward 1.8x at 16 keys, 1.1x at 64; forward + backward 1.7x at 16, 1.4x at 64)
-# and slower from ~128 keys forward and ~200 forward + backward. Translation sentences are short.
+# fused (flash) kernel: the written-out form is faster for short key sequences and slower for long
+# ones, and translation sentences are short. docs/benchmarks.md describes how the threshold was chosen.
 CPU_WRITTEN_OUT_MAX_KEYS = 96
 
 
@@ -41,7 +40,7 @@ def scaled_dot_product_attention(
     scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    # At least float32 inside: PyTorch's CPU softmax is ~5x slower in bfloat16, and less exact.
+    # At least float32 inside: PyTorch's CPU softmax is much slower in bfloat16, and less exact.
     weights = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
     return F.dropout(weights, dropout, training=dropout > 0) @ value, weights
 
@@ -146,7 +145,7 @@ class MultiHeadAttention(nn.Module):
         if need_weights or (query.device.type == "cpu" and (T == 1 or S <= CPU_WRITTEN_OUT_MAX_KEYS)):
             # The written-out form also serves short attention on the CPU (see
             # CPU_WRITTEN_OUT_MAX_KEYS) and, whatever the cache length, single-query steps of
-            # incremental decoding there (measured ~1.5x faster than the fused kernel).
+            # incremental decoding there, where it is also faster than the fused kernel.
             mask = attention_mask(key_padding_mask, causal, g * T, S, query.device)
             out, weights = scaled_dot_product_attention(q, k, v, mask, dropout)
             weights = weights.view(B_kv, H, g, T, S).transpose(1, 2).reshape(B, H, T, S) if need_weights else None

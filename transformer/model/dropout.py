@@ -13,13 +13,13 @@ class Dropout(nn.Module):
     """Zero each element with probability p during training and scale the rest by 1 / (1 - p).
 
     Behaves as `torch.nn.Dropout`. On the CPU the mask is built from 64-bit random integers split
-    into four 16-bit lanes instead of one Bernoulli draw per element: measured here, that draws the
-    mask ~10x faster, and `nn.Dropout` was ~10% of a training step. The drop probability is then
-    rounded to a multiple of 1/65536 (0.1 becomes 0.0999908...). The boolean mask is converted
-    to the input's dtype through a uint8 view before it multiplies: PyTorch's CPU kernels convert a
-    bool tensor, or a uint8 operand of a float32 product, element by element, but a uint8 tensor on
-    its own in vector registers. Measured here side by side on a (1978, 256) activation, that made
-    forward + backward 1.6x faster in float32 and in bfloat16. Other devices use `F.dropout`.
+    into four 16-bit lanes instead of one Bernoulli draw per element, which is much cheaper: the
+    Bernoulli draws of `nn.Dropout` are a visible share of a CPU training step. The drop probability
+    is then rounded to a multiple of 1/65536 (0.1 becomes 0.0999908...). The boolean mask is
+    converted to the input's dtype through a uint8 view before it multiplies: PyTorch's CPU kernels
+    convert a bool tensor, or a uint8 operand of a float32 product, element by element, but a uint8
+    tensor on its own in vector registers. docs/benchmarks.md gives the measurements. Other devices
+    use `F.dropout`.
 
     Args:
         p: probability of an element being zeroed, in [0, 1).
