@@ -84,9 +84,9 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     max_tokens: int = 25000  # per batch, per side (padded tokens of the longer of source/target)
     accumulate: int = 1  # batches per optimizer step
-    max_steps: int = 100000  # 0 = no limit
-    max_epochs: int = 0  # 0 = no limit
-    max_minutes: float = 0.0  # wall-clock training budget; 0 = no limit
+    max_steps: int = 100000  # optimizer steps to train for; 0 = no limit
+    max_epochs: int = 0  # passes over the training data; 0 = no limit
+    max_minutes: float = 0.0  # minutes of training, validation excluded; 0 = no limit (the first limit reached stops)
     lr_scale: float = 1.0  # the paper's schedule times this
     warmup_steps: int = 4000  # linear warm-up steps of the paper's schedule
     cooldown: float = 0.0  # final fraction of the step/epoch/minute budget over which lr decays linearly to 0
@@ -94,8 +94,8 @@ class TrainConfig:
     adam_beta2: float = 0.98  # Adam beta_2
     adam_eps: float = 1e-9  # Adam epsilon
     weight_decay: float = 0.0  # decoupled weight decay (AdamW); the paper uses none
-    label_smoothing: float = 0.1  # epsilon_ls
-    clip_norm: float = 0.0  # 0 = no clipping
+    label_smoothing: float = 0.1  # epsilon_ls of label smoothing
+    clip_norm: float = 0.0  # clip the gradient's global norm to this; 0 = no clipping
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (fp16 only on CUDA) | "auto" (bf16 where native, else fp32)
     log_every: int = 50  # steps between training log lines
     eval_every: int = 1000  # steps between validations

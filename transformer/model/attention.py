@@ -13,8 +13,9 @@ from .masks import attention_mask
 from .packing import TokenLayout
 
 # On the CPU, attention over at most this many keys runs the written-out form rather than PyTorch's
-# fused (flash) kernel: the written-out form is faster for short key sequences and slower for long
-# ones, and translation sentences are short. docs/benchmarks.md describes how the threshold was chosen.
+# fused (flash) kernel: for short key sequences the written-out form is faster in bfloat16 and on
+# some CPUs in float32 (elsewhere even in whole training steps), for long ones it is slower, and
+# translation sentences are short. docs/benchmarks.md describes how the threshold was chosen.
 CPU_WRITTEN_OUT_MAX_KEYS = 96
 
 
