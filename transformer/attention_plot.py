@@ -5,6 +5,10 @@ and each head's attention weights are drawn as a heatmap: one row of panels per 
 self-attention, then decoder self-attention, then encoder-decoder (cross) attention; one column
 per head. Axes are labelled with the SentencePiece pieces; rows of a panel are the attending
 (query) positions, columns the attended (key) positions.
+
+A figure of every head of every layer grows with the square of the sentence length, so the source
+and the translation are each limited to `--max-tokens` pieces (100 by default; a one-line error
+above that), and the figure to `MAX_FIGURE_INCHES` on its longer side: panels shrink to fit.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from transformer.translator import source_ids, translate_ids
 logger = logging.getLogger(__name__)
 
 KINDS = (("encoder", "encoder self"), ("decoder", "decoder self"), ("cross", "cross"))
+DEFAULT_MAX_TOKENS = 100
+MAX_FIGURE_INCHES = 120.0  # the longer side: 12,000 pixels at the 100 dpi used, about 0.5 GB of RGBA at worst
 
 
 def plot_attention(
@@ -49,6 +55,7 @@ def plot_attention(
               "cross": (tgt_pieces, src_pieces)}
     longest = max(len(src_pieces), len(tgt_pieces))
     size = max(2.5, 0.18 * longest)  # inches per panel; room for one tick label per piece
+    size = min(size, MAX_FIGURE_INCHES / max(n_heads, len(panels)))
     fontsize = max(4.0, min(9.0, 200.0 / longest))
     figure = Figure(figsize=(size * n_heads, size * len(panels)), layout="constrained")
     FigureCanvasAgg(figure)
@@ -70,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(parser, batch_tokens=False)
     parser.add_argument("--sentence", required=True, help="source sentence")
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"most pieces drawn for the source and for the translation, each (default: {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--output", type=Path, default=Path("attention.png"),
                         help="image file; its suffix picks the format (default: attention.png)")
     return parser
@@ -79,16 +88,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry point of `transformer-attention`."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.max_tokens < 2:
+        parser.error("--max-tokens must be >= 2")
     device = prepare(parser, args)
     try:
         loaded, decode = load_for_decoding(args, device)
-        source = source_ids(loaded.src_tokenizer, [args.sentence], loaded.config.model.max_len)[0]
+        source = source_ids(loaded.src_tokenizer, [args.sentence], None)[0]
         if not source:
             raise ValueError("--sentence is empty")
+        if len(source) > min(args.max_tokens, loaded.config.model.max_len):
+            raise ValueError(f"--sentence has {len(source)} pieces with EOS, more than the "
+                             f"{min(args.max_tokens, loaded.config.model.max_len)} that can be drawn (--max-tokens)")
         output_ids = translate_ids(loaded.model, [source], decode.beam_size, decode.length_penalty,
                                    decode.max_len_a, decode.max_len_b,
                                    device=device)[0]
         target = [BOS_ID] + output_ids
+        if len(target) > args.max_tokens:
+            raise ValueError(f"the translation has {len(target)} pieces with BOS, more than the {args.max_tokens} "
+                             "that can be drawn (--max-tokens)")
         maps = loaded.model.attention_maps(torch.tensor([source], device=device), torch.tensor([target], device=device))
         plot_attention(maps, [loaded.src_tokenizer.id_to_piece(i) for i in source],
                        [loaded.tgt_tokenizer.id_to_piece(i) for i in target], args.output)

@@ -9,7 +9,6 @@ read with `torch.load(weights_only=True)`, which never executes code from the fi
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +16,14 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import Config, ConfigError, config_from_dict
+from .atomic import atomic_write
+from .config import Config, ConfigError, config_from_dict, config_to_dict
 from .model import Transformer
 from .tokenizer import PAD_ID, Tokenizer
 
 FORMAT = "transformer-checkpoint/1"
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # how torch's weights_only unpickler names a refused import
 log = logging.getLogger(__name__)
 
 
@@ -34,15 +35,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write `state` to `path` atomically: a temporary file in the same folder, then a rename.
 
     A process killed at any moment leaves either the old file or the new one, never a torn file.
+
+    Raises:
+        WriteError: the file could not be written (e.g. disk full); no temporary file is left.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -57,7 +54,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = str(e)
+        if "Weights only load failed" in message:
+            imports = UNSAFE_GLOBAL.findall(message)
+            what = f"it tries to import {', '.join(dict.fromkeys(imports))}" if imports else "objects other than plain data"
+            raise CheckpointError(f"{path}: refused: the file contains code ({what}); loading it could run that code, "
+                                  f"so it was not loaded. Use only checkpoints from a source you trust") from None
+        reason = message.strip().splitlines()[0] if message.strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no '{FORMAT}' marker)")
@@ -101,6 +104,7 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
         raise CheckpointError("no checkpoints to average")
     total: dict[str, torch.Tensor] = {}
     state: dict[str, Any] = {}
+    first: dict[str, Any] | None = None
     for path in paths:
         state = load_checkpoint(path)
         model = state.get("model")
@@ -108,6 +112,10 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
             raise CheckpointError(f"{path}: holds no model parameters")
         if total and model.keys() != total.keys():
             raise CheckpointError(f"{path}: its parameters differ from {paths[0]}; cannot average")
+        if first is None:
+            first = state
+        else:
+            _check_same_run(first, state, paths[0], path)
         for name, tensor in model.items():
             if tensor.is_floating_point():
                 total[name] = total.get(name, 0) + tensor.double()
@@ -121,8 +129,35 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
     return {**keep, "model": averaged, "averaged_from": [str(p) for p in paths]}
 
 
+def _check_same_run(first: dict[str, Any], other: dict[str, Any], first_path: str | Path, path: str | Path) -> None:
+    """Refuse to average checkpoints whose models or tokenizers differ: the mean would be meaningless."""
+    model_a, model_b = (s.get("config", {}).get("model", {}) for s in (first, other))
+    differing = [key for key in sorted(set(model_a) | set(model_b)) if model_a.get(key) != model_b.get(key)]
+    if differing:
+        key = differing[0]
+        raise CheckpointError(f"{path}: model.{key} is {model_b.get(key)!r}, in {first_path} it is {model_a.get(key)!r}; "
+                              "checkpoints of different models cannot be averaged")
+    for side in ("src", "tgt"):
+        a, b = (s.get("tokenizers", {}).get(side) for s in (first, other))
+        if a is None or b is None or not torch.equal(a, b):
+            raise CheckpointError(f"{path}: its {side} tokenizer differs from the one in {first_path}; "
+                                  "checkpoints of different runs cannot be averaged")
+
+
 def save_averaged(paths: Sequence[str | Path], output: str | Path) -> None:
-    """Average `paths` (see `average_checkpoints`) and write the result atomically to `output`."""
+    """Average `paths` (see `average_checkpoints`) and write the result atomically to `output`.
+
+    Raises:
+        CheckpointError: the inputs cannot be averaged, or `output` is one of them (it would lose the
+            training state that resuming needs).
+        WriteError: `output` is a folder or cannot be written; no temporary file is left.
+    """
+    output = Path(output)
+    for path in paths:
+        if Path(path).resolve() == output.resolve() or (output.exists() and output.samefile(path)):
+            raise CheckpointError(f"{output}: is one of the checkpoints to average; write the average to another file")
+    if output.is_dir():
+        raise CheckpointError(f"{output}: is a folder; give the averaged checkpoint a file name")
     state = average_checkpoints(paths)
     state.pop("format", None)
     save_checkpoint(state, output)
@@ -133,6 +168,80 @@ def run_checkpoints(run_dir: str | Path) -> list[Path]:
     folder = Path(run_dir) / "checkpoints"
     found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := STEP_PATTERN.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def load_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any], list[tuple[Path, str]]]:
+    """The newest step checkpoint of a run that loads and holds a training state.
+
+    Returns:
+        Its path, its contents, and the newer checkpoints skipped, each with the reason.
+
+    Raises:
+        CheckpointError: the run has no step checkpoints, or none of them loads.
+    """
+    found = run_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"{run_dir}: --resume given but the run has no checkpoints/step_*.pt")
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(found):
+        try:
+            state = load_checkpoint(path)
+            missing = [key for key in RESUME_KEYS if key not in state]
+            if missing:
+                raise CheckpointError(f"{path}: no training state ({', '.join(missing)} missing)")
+        except CheckpointError as e:
+            log.warning("skipping %s: %s", path, e)
+            skipped.append((path, str(e)))
+            continue
+        return path, state, skipped
+    raise CheckpointError(f"{run_dir}: none of the {len(found)} step checkpoints can be resumed from; "
+                          f"the newest: {skipped[0][1]}")
+
+
+RESUME_KEYS = ("config", "model", "tokenizers", "optimizer", "position", "rng")
+# Settings a resumed run may change: budgets, logging, validation, checkpoint cadence, decoding for
+# validation, and where and how fast it runs. Everything else changes the model, the tokenizer, the
+# data or the optimisation that the checkpoint's state belongs to.
+RESUME_MAY_CHANGE = {
+    "tokenizer.cache_dir",
+    *(f"train.{key}" for key in (
+        "output_dir", "device", "threads", "precision", "max_steps", "max_epochs", "max_minutes", "log_every",
+        "eval_every", "eval_bleu_sentences", "save_every", "keep_last", "patience", "max_nonfinite", "average_last",
+    )),
+    *(f"decode.{key}" for key in config_to_dict(Config())["decode"]),
+}
+
+
+def _flatten(config: Config) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in config_to_dict(config).items() for key, value in values.items()}
+
+
+def resume_changes(saved: Config, requested: Config, step: int) -> list[str]:
+    """Compare a checkpoint's config with the one a resumed run asks for.
+
+    Args:
+        saved: the config stored in the checkpoint.
+        requested: the config of the run that resumes it.
+        step: the checkpoint's step.
+
+    Returns:
+        The accepted changes, as "key old -> new".
+
+    Raises:
+        CheckpointError: one line listing every change a resumed run may not make: settings outside
+            `RESUME_MAY_CHANGE`, and `train.max_steps` lowered.
+    """
+    old, new = _flatten(saved), _flatten(requested)
+    changes = {key: f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in new if old.get(key) != new.get(key)}
+    refused = [text for key, text in changes.items() if key not in RESUME_MAY_CHANGE]
+    steps_old, steps_new = saved.train.max_steps, requested.train.max_steps
+    if steps_old and (0 < steps_new < steps_old):
+        refused.append(f"{changes['train.max_steps']} (it may only grow)")
+    if refused:
+        raise CheckpointError(f"cannot resume the run at step {step} with other settings: {'; '.join(refused)}. "
+                              "Keep them as the run had them (see its config.yaml), or start a new run in another "
+                              "train.output_dir")
+    return [text for key, text in changes.items() if key != "train.output_dir"]
 
 
 @dataclass

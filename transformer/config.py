@@ -7,7 +7,8 @@ Command-line overrides look like ``train.max_steps=200`` and are parsed with ``y
 checked; mistakes raise :class:`ConfigError` naming the key, the file and, for misspelt keys, the
 nearest valid one.
 
-This module imports nothing from the rest of the package: it sits at the top of the data flow.
+This module imports nothing from the rest of the package but its atomic file write: it sits at the
+top of the data flow.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+
+from .atomic import atomic_write_bytes
 
 
 class ConfigError(ValueError):
@@ -232,7 +235,12 @@ def _validate(cfg: Config, source: str) -> None:
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (0.0 <= m.attention_dropout < 1.0, "model.attention_dropout must be in [0, 1)"),
         (m.positional in ("sinusoidal", "learned"), "model.positional must be 'sinusoidal' or 'learned'"),
-        (m.max_len > 0, "model.max_len must be > 0"),
+        (m.positional != "sinusoidal" or m.d_model % 2 == 0,
+         f"model.d_model ({m.d_model}) must be even for model.positional='sinusoidal' (sin/cos pairs)"),
+        (m.max_len >= 2, "model.max_len must be >= 2 (a token and EOS)"),
+        (m.positional != "learned" or d.max_len < m.max_len,
+         f"model.max_len ({m.max_len}) must be > data.max_len ({d.max_len}) with learned positions: a training "
+         "sentence of data.max_len tokens plus EOS or BOS needs that many positions"),
         (not m.share_embeddings or t.joint,
          "model.share_embeddings=true requires tokenizer.joint=true (one shared vocabulary)"),
         (bool(d.src_lang) and bool(d.tgt_lang), "data.src_lang and data.tgt_lang must be non-empty"),
@@ -314,6 +322,15 @@ def _apply_overrides(cfg: Config, overrides: Sequence[str]) -> None:
         _set(cfg, key, value, f"override '{item}'", raw=raw)
 
 
+def _yaml_error(source: str, error: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: file, line and column (1-based), then what is wrong."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    context = getattr(error, "context", None)
+    return f"{where}: invalid YAML: {problem}" + (f" ({context})" if context else "")
+
+
 def config_from_dict(d: dict, source: str = "<dict>") -> Config:
     """Build and validate a :class:`Config` from a nested dict; omitted keys keep their defaults.
 
@@ -355,10 +372,15 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{source}: cannot read config file: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            data = Path(path).read_bytes()
+            line = data.count(b"\n", 0, e.start) + 1
+            raise ConfigError(f"{source}:{line}: not UTF-8 text (byte {data[e.start:e.start + 1]!r}); "
+                              "save the config file as UTF-8") from None
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: invalid YAML: {e}") from e
+            raise ConfigError(_yaml_error(source, e)) from None
         _apply_dict(cfg, raw, source)
     _apply_overrides(cfg, overrides)
     if overrides:
@@ -380,12 +402,10 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as YAML, creating parent folders; :func:`load_config` reads it back equal.
+    """Write ``cfg`` as YAML atomically, creating parent folders; :func:`load_config` reads it back equal.
 
     Args:
         cfg: the config to save.
         path: destination file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    atomic_write_bytes(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode("utf-8"))

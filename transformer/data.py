@@ -88,11 +88,18 @@ def _load_hub(cfg: DataConfig, split_name: str) -> tuple[list[str], list[str]]:
     import datasets  # imported lazily: it is slow to import and local files do not need it
 
     where = f"hub dataset {cfg.hub_name!r} (config {cfg.hub_config!r}, split {split_name!r})"
+    # The hub client logs a warning for every retry of every request (two dozen lines offline); the
+    # error raised at the end says what went wrong.
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
         ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config, split=split_name)
     except Exception as e:  # datasets raises many unrelated types for "not found"/"no network"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{where}: cannot load: {first_line}") from e
+    finally:
+        hub_logger.setLevel(level)
     langs = (cfg.src_lang, cfg.tgt_lang)
     if cfg.hub_field is None:
         for lang in langs:
@@ -139,12 +146,24 @@ def load_split(cfg: DataConfig, split: str) -> tuple[list[str], list[str]]:
         origin = cfg.local_dir
     elif cfg.hub_name is not None:
         name = {"train": cfg.hub_train_split, "valid": cfg.hub_valid_split, "test": cfg.hub_test_split}[split]
-        src, tgt = _load_hub(cfg, name)
+        if cfg.local_dir is not None:
+            logger.warning("data.local_dir %r is not a folder; trying hub dataset %r instead", cfg.local_dir, cfg.hub_name)
+            try:
+                src, tgt = _load_hub(cfg, name)
+            except DataError as e:
+                raise DataError(f"data.local_dir {cfg.local_dir!r} is not a folder, and the fallback failed: {e}") from None
+        else:
+            src, tgt = _load_hub(cfg, name)
         origin = cfg.hub_name
     elif cfg.local_dir is not None:
         raise DataError(f"data.local_dir {cfg.local_dir!r} is not a folder and data.hub_name is not set")
     else:
         raise DataError("no data source: set data.local_dir or data.hub_name")
+    if split == "train":
+        for lang, texts in ((cfg.src_lang, src), (cfg.tgt_lang, tgt)):
+            if not any(texts):  # lines are stripped: blank ones are empty
+                raise DataError(f"{origin}: every {lang} line of the training split is empty or blank; "
+                                "there is nothing to train the tokenizer and the model on")
     logger.info("loaded %d %s pairs (%s-%s) from %s", len(src), split, cfg.src_lang, cfg.tgt_lang, origin)
     return src, tgt
 

@@ -12,9 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """The JSON lines of a metrics log, one dict per line."""
+    """The JSON lines of a metrics log, one dict per line, in step order.
+
+    A step logged twice (a run resumed from a checkpoint older than its log, written before resume
+    truncated the log) counts once, with its latest row, so that curves never double back.
+    """
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    latest = {(row["step"], "valid_loss" in row): row for row in rows}
+    return sorted(latest.values(), key=lambda row: (row["step"], "valid_loss" in row))
 
 
 def plot_metrics(metrics_path: str | Path, output: str | Path) -> None:

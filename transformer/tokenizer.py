@@ -18,6 +18,7 @@ from typing import Iterable, Mapping, Sequence
 
 import sentencepiece as spm
 
+from transformer.atomic import atomic_write_bytes
 from transformer.config import TokenizerConfig
 
 logger = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ def train_tokenizer(texts: Sequence[str], cfg: TokenizerConfig, model_prefix: st
     Returns:
         The trained tokenizer, loaded from ``{model_prefix}.model``.
     """
+    if not any(text.strip() for text in texts):
+        raise ValueError("cannot train a tokenizer: every training sentence is empty or blank")
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     logger.info("training %s tokenizer (vocab %d) on %d sentences -> %s.model",
@@ -243,9 +246,7 @@ def copy_tokenizers(tokenizers: Mapping[str, Tokenizer], run_dir: str | Path) ->
         name = "spm.model" if joint else f"spm.{lang}.model"
         target = run_dir / name
         if name not in paths.values():
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_bytes(tok.to_bytes())  # works for tokenizers rebuilt from a checkpoint too
-            os.replace(tmp, target)
+            atomic_write_bytes(target, tok.to_bytes())  # works for tokenizers rebuilt from a checkpoint too
         paths[lang] = name
     return paths
 

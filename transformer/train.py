@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import logging
+import logging.handlers
 import math
 import os
 import signal
@@ -27,15 +28,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .atomic import WriteError, atomic_write_bytes, remove_stale_temp_files
 from .checkpoint import (
-    CheckpointError, checkpoint_tokenizers, load_checkpoint, run_checkpoints, save_averaged, save_checkpoint,
-    tokenizer_state,
+    CheckpointError, checkpoint_config, checkpoint_tokenizers, load_resume_checkpoint, resume_changes, run_checkpoints,
+    save_averaged, save_checkpoint, tokenizer_state,
 )
 from .config import Config, ConfigError, TrainConfig, config_to_dict, load_config, save_config
 from .data import BatchSampler, DataError, ParallelData, collate, encode_pairs, load_split, make_batches
 from .loss import TranslationLoss
 from .model import Transformer
 from .plot import plot_metrics
+from .run_lock import RunLock, RunLockedError
 from .runtime import bound_onednn_caches, keep_freed_memory, resolve_device, resolve_precision
 from .schedule import cooldown_factor, noam_lr
 from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers, load_or_train_tokenizers
@@ -199,6 +202,54 @@ class MetricsLog:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def truncate(self, step: int) -> None:
+        """Drop the rows after `step`: a resumed run replays those steps and logs them again."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            atomic_write_bytes(self.path, "".join(kept).encode("utf-8"))
+            log.info("%s: dropped %d rows after step %d, which this run replays", self.path, len(lines) - len(kept), step)
+
+
+class RunLog:
+    """The run's `train.log`: records are held in memory until the run may write its folder.
+
+    A run that is refused (the folder is locked, the resume settings differ) must leave the folder
+    as it found it, its log included; once the checks pass, `start` writes the held records and
+    every later one to the file.
+    """
+
+    def __init__(self) -> None:
+        self.held = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+        self.file: logging.FileHandler | None = None
+        logging.getLogger().addHandler(self.held)
+
+    def start(self, path: Path) -> None:
+        self.file = logging.FileHandler(path, encoding="utf-8")
+        self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.held.setTarget(self.file)
+        self.held.flush()
+        logging.getLogger().addHandler(self.file)
+        logging.getLogger().removeHandler(self.held)
+
+    def close(self) -> None:
+        for handler in (self.held, self.file):
+            if handler is not None:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+
+
+def claim_run_folder(run_dir: Path, run_log: RunLog, skipped: list[tuple[Path, str]]) -> None:
+    """The checks have passed: start the log and clear what interrupted runs left in the folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_log.start(run_dir / "train.log")
+    remove_stale_temp_files(run_dir)
+    for path, reason in skipped:
+        path.rename(path.with_name(path.name + ".unreadable"))
+        log.warning("renamed %s to %s.unreadable (%s)", path, path.name, reason)
+
 
 def _reduce(value: float, world_size: int, op: dist.ReduceOp = dist.ReduceOp.SUM) -> float:
     """All-reduce one number across data-parallel ranks (a no-op for a single process)."""
@@ -209,6 +260,19 @@ def _reduce(value: float, world_size: int, op: dist.ReduceOp = dist.ReduceOp.SUM
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op)
     return tensor.item()
+
+
+def stop_reason(tc: TrainConfig, position: Position, batches_per_epoch: int) -> str | None:
+    """Why training must stop at `position` ("step limit", ...), or None while the budget lasts."""
+    if tc.max_steps and position.step >= tc.max_steps:
+        return "step limit"
+    if tc.max_epochs and position.epoch + (position.batch >= batches_per_epoch) >= tc.max_epochs:
+        return "epoch limit"
+    if tc.max_minutes and position.elapsed >= tc.max_minutes * 60:
+        return "time limit"
+    if tc.patience and position.bad_evals >= tc.patience:
+        return f"no better validation BLEU in {tc.patience} validations"
+    return None
 
 
 def budget_used(tc: TrainConfig, position: Position, batches_per_epoch: int) -> float:
@@ -226,9 +290,30 @@ def budget_used(tc: TrainConfig, position: Position, batches_per_epoch: int) -> 
 def train(cfg: Config, resume: bool = False) -> Path:
     """Train as `cfg` says, resuming from the run directory's latest checkpoint if `resume`.
 
+    The process that writes the run directory (global rank 0) holds its lock (see `run_lock`) for
+    the whole run. Nothing in the directory is written before the checks pass: the lock is free, a
+    new run finds no checkpoints, a resumed one finds a checkpoint that loads and settings it may
+    change. A resumed run that has already finished says so and changes nothing.
+
     Returns:
         The run directory.
+
+    Raises:
+        RunLockedError: another run owns the directory.
+        CheckpointError: nothing to resume, or settings a resumed run may not change.
     """
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    run_log = RunLog() if is_main else None
+    try:
+        with RunLock(cfg.train.output_dir) if is_main else contextlib.nullcontext():
+            return _train(cfg, resume, run_log)
+    finally:
+        if run_log is not None:
+            run_log.close()
+
+
+def _train(cfg: Config, resume: bool, run_log: RunLog | None) -> Path:
+    """`train` once the run directory is this process's."""
     tc = cfg.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -251,20 +336,36 @@ def train(cfg: Config, resume: bool = False) -> Path:
     is_main = rank == 0
     run_dir = Path(tc.output_dir)
 
-    resume_state = None
+    resume_state, skipped = None, []
     if resume:
-        found = run_checkpoints(run_dir)
-        if not found:
-            raise CheckpointError(f"{run_dir}: --resume given but the run has no checkpoints/step_*.pt")
-        resume_state = load_checkpoint(found[-1])
-        log.info("resuming from %s", found[-1])
+        resume_path, resume_state, skipped = load_resume_checkpoint(run_dir)
+        changes = resume_changes(checkpoint_config(resume_state, resume_path), cfg, resume_state["step"])
+        log.info("resuming from %s", resume_path)
+        for change in changes:
+            log.info("resumed with a changed setting: %s", change)
     elif is_main and run_checkpoints(run_dir):
         raise CheckpointError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another train.output_dir")
 
     torch.manual_seed(tc.seed)
     src_tok, tgt_tok, train_data, valid_text, valid = prepare_data(cfg, run_dir, resume_state)
+    batches = make_batches(train_data.src_lens, train_data.tgt_lens, tc.max_tokens)
+    sampler = BatchSampler(batches, tc.seed, rank, world_size)
+    if resume_state is not None and (done := stop_reason(tc, Position(**resume_state["position"]), len(sampler))):
+        final = run_dir / "checkpoints" / "final.pt"
+        if final.is_file():
+            log.info("%s finished at step %d (%s); nothing to do. Raise train.max_steps (or the limit reached) "
+                     "to train on", run_dir, resume_state["step"], done)
+        elif is_main:  # stopped between its last checkpoint and final.pt
+            claim_run_folder(run_dir, run_log, skipped)
+            plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png")
+            save_averaged(run_checkpoints(run_dir)[-tc.average_last:], final)
+            log.info("%s had finished at step %d (%s) without its average: wrote %s", run_dir, resume_state["step"],
+                     done, final)
+        if world_size > 1:
+            dist.destroy_process_group()
+        return run_dir
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        claim_run_folder(run_dir, run_log, skipped)
         save_config(cfg, run_dir / "config.yaml")
         copy_tokenizers({cfg.data.src_lang: src_tok, cfg.data.tgt_lang: tgt_tok}, run_dir)
 
@@ -291,13 +392,12 @@ def train(cfg: Config, resume: bool = False) -> Path:
     else:
         torch.manual_seed(tc.seed + rank)  # same initial weights everywhere, own dropout masks per rank
 
-    batches = make_batches(train_data.src_lens, train_data.tgt_lens, tc.max_tokens)
-    sampler = BatchSampler(batches, tc.seed, rank, world_size)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters; %d training pairs in %d batches per epoch per rank; device %s, %d threads, %s",
              n_params / 1e6, len(train_data), len(sampler), device, torch.get_num_threads(), tc.precision)
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", is_main)
+    metrics.truncate(position.step)
     model.train()
     epoch_batches = sampler.epoch_batches(position.epoch)
     bar = tqdm(total=tc.max_steps or None, initial=position.step, disable=not is_main or None, unit="step",
@@ -380,13 +480,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
                 window_tokens, window_loss, window_start = 0, 0.0, time.perf_counter()
 
             # ---- validation, checkpoints, stopping ----
-            should_stop = False
-            if tc.max_steps and position.step >= tc.max_steps:
-                should_stop, reason = True, "step limit"
-            elif tc.max_epochs and position.epoch + (position.batch >= len(epoch_batches)) >= tc.max_epochs:
-                should_stop, reason = True, "epoch limit"
-            elif tc.max_minutes and position.elapsed >= tc.max_minutes * 60:
-                should_stop, reason = True, "time limit"
+            limit = stop_reason(replace(tc, patience=0), position, len(epoch_batches))  # patience: after validation
+            should_stop, reason = limit is not None, limit or reason
             if stop.signal is not None:
                 should_stop, reason = True, f"signal {signal.Signals(stop.signal).name}"
             should_stop = bool(_reduce(float(should_stop), world_size, dist.ReduceOp.MAX))
@@ -438,13 +533,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
-        if int(os.environ.get("RANK", "0")) == 0:
-            Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(Path(cfg.train.output_dir) / "train.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            logging.getLogger().addHandler(handler)
         train(cfg, resume=args.resume)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError, RunLockedError, WriteError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -4,6 +4,10 @@ Reads one sentence per line from standard input (or `--input`) and writes one tr
 line, in input order; an empty line gives an empty line. Piped input is read and translated in
 chunks, so that large files stream; at an interactive terminal every line is translated as soon
 as it is entered. Lines longer than the model's positions are truncated with a warning.
+
+Input must be UTF-8. A line that is not stops the command with a one-line error naming its number,
+after every line before it has been translated and written: the output never gets out of step with
+the input, and nothing is guessed for a line that cannot be read.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def read_chunks(stream: BinaryIO, name: str, size: int) -> Iterator[list[str]]:
         size: lines per chunk (the last chunk may be shorter).
 
     Raises:
-        InputError: a line that is not valid UTF-8.
+        InputError: a line that is not valid UTF-8, once the lines before it have been yielded.
     """
     lines = iter(stream)
     number = 0
@@ -52,7 +56,10 @@ def read_chunks(stream: BinaryIO, name: str, size: int) -> Iterator[list[str]]:
             try:
                 texts.append(raw.decode("utf-8").strip())
             except UnicodeDecodeError as e:
-                raise InputError(f"{name}:{number}: invalid UTF-8 byte {raw[e.start:e.start + 1]!r}") from None
+                if texts:
+                    yield texts
+                raise InputError(f"{name}:{number}: invalid UTF-8 byte {raw[e.start:e.start + 1]!r}; "
+                                 f"the {number - 1} lines before it were translated") from None
         yield texts
 
 
@@ -61,7 +68,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="transformer-translate", description="Translate one sentence per line from stdin or a file."
     )
     add_model_arguments(parser)
-    parser.add_argument("--input", type=Path, help="input file (default: standard input)")
+    parser.add_argument("--input", type=Path,
+                        help="UTF-8 input file (default: standard input); a line that is not UTF-8 stops the "
+                             "command with an error naming it, after the lines before it are written")
     return parser
 
 
