@@ -130,9 +130,20 @@ def test_missing_file_and_bad_yaml_name_the_file(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"nope.yaml: cannot read config file"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: [d_model: 1\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML"):
+    bad.write_text("model:\n  d_model: 1\n   n_heads: 2\n")
+    with pytest.raises(ConfigError) as error:
         load_config(bad)
+    # One line that starts with the file, the line and the column of the fault.
+    assert str(error.value).startswith(f"{bad}:3:11: invalid YAML: ") and "\n" not in str(error.value)
+    unclosed = tmp_path / "unclosed.yaml"
+    unclosed.write_text("model: [d_model: 1\n")
+    with pytest.raises(ConfigError, match=r"unclosed.yaml:2:1: invalid YAML: expected ',' or ']'"):
+        load_config(unclosed)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("model:\n  d_model: 32\n# Größe\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as error:
+        load_config(latin1)
+    assert str(error.value) == f"{latin1}:3: not UTF-8 text (byte b'\\xf6'); save the config file as UTF-8"
     scalar = tmp_path / "scalar.yaml"
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match=r"scalar.yaml: top level must be a mapping"):
@@ -192,3 +203,36 @@ def test_file_values_are_not_coerced(tmp_path: Path):
     path.write_text("data:\n  local_dir: 3\n")
     with pytest.raises(ConfigError, match=r"c.yaml: 'data.local_dir' expects str \| None, got 3 \(int\)"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["model.d_model=33", "model.n_heads=3"], r"model.d_model \(33\) must be even for model.positional='sinusoidal'"),
+        (["model.positional=learned", "model.max_len=100", "data.max_len=100"],
+         r"model.max_len \(100\) must be > data.max_len \(100\) with learned positions"),
+        (["model.max_len=1"], r"model.max_len must be >= 2"),
+    ],
+)
+def test_what_the_model_would_refuse_is_refused_at_config_time(overrides: list[str], expected: str):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.d_model=34", "model.n_heads=2"],
+        ["model.positional=learned", "model.max_len=101", "data.max_len=100"],
+        ["model.d_model=33", "model.n_heads=3", "model.positional=learned", "model.max_len=20", "data.max_len=19"],
+    ],
+)
+def test_a_config_that_validates_builds_a_model_that_takes_its_longest_sentences(overrides: list[str]):
+    import torch
+
+    from transformer.model import Transformer
+
+    cfg = load_config(None, ["model.d_ff=8", "model.n_encoder_layers=1", "model.n_decoder_layers=1", *overrides])
+    model = Transformer.from_config(cfg.model, 16, 16, 0).eval()
+    longest = torch.full((1, cfg.data.max_len + 1), 5)  # data.max_len tokens plus EOS (source) or BOS (target)
+    assert model(longest, longest).shape == (1, cfg.data.max_len + 1, 16)
