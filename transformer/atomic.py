@@ -52,12 +52,19 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException as e:
         # BaseException: a KeyboardInterrupt in the middle of a write must not leave the file behind either.
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise WriteError(f"{path}: cannot write: {e.strerror or e}") from None
-        if isinstance(e, RuntimeError) and "No space left" in str(e):
-            # torch.save reports a failed write from its C++ writer as a RuntimeError.
-            raise WriteError(f"{path}: cannot write: No space left on device") from None
+        cause = _os_error(e)
+        if cause is not None:
+            raise WriteError(f"{path}: cannot write: {cause.strerror or cause}") from None
         raise
+
+
+def _os_error(error: BaseException | None) -> OSError | None:
+    """The OSError behind `error`: torch.save, failing to write, raises a second error while closing its archive."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
