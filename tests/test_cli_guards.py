@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from test_cli import WORDS_DE, one_line_error, one_thread, run, sentences  # noqa: F401 (fixtures)
-from transformer import attention_plot, average, translate
+from transformer import attention_plot, average, evaluate, translate
 from transformer.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, tokenizer_state
 from transformer.config import TokenizerConfig, config_to_dict
 from transformer.tokenizer import train_tokenizer
@@ -64,6 +64,10 @@ def test_average_refuses_checkpoints_of_another_vocabulary_or_tokenizer_or_model
         average.main(["--inputs", str(first), str(model), "--output", str(output)])
     one_line_error(exit, "model.pt", "model.norm_first is True", "False")
     assert not output.exists() and not temp_files(tmp_path)
+    # Evaluating several checkpoints averages them: the same checks.
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--checkpoint", str(first), str(tokenizer), "--device", "cpu"])
+    one_line_error(exit, "tokenizer.pt", "src tokenizer differs")
 
 
 def test_average_refuses_to_write_over_an_input_or_into_a_folder(run, tmp_path):

@@ -199,8 +199,11 @@ class MetricsLog:
 
     def write(self, **row: float) -> None:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:  # e.g. a full disk: one line, not a traceback
+                raise WriteError(f"{self.path}: cannot write: {e.strerror or e}") from None
 
     def truncate(self, step: int) -> None:
         """Drop the rows after `step`: a resumed run replays those steps and logs them again."""
