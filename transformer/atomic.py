@@ -82,8 +82,9 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
         The files removed.
     """
     removed = []
+    own = f".tmp{os.getpid()}"  # this process's own writes are under way, not stale
     for path in sorted(Path(folder).rglob(".*.tmp*")):
-        if TEMP_PATTERN.match(path.name) and path.is_file():
+        if TEMP_PATTERN.match(path.name) and not path.name.endswith(own) and path.is_file():
             path.unlink(missing_ok=True)
             log.info("removed %s, left behind by an interrupted write", path)
             removed.append(path)

@@ -39,6 +39,8 @@ class RunLockedError(RuntimeError):
 
 
 def _pid_running(pid: int) -> bool:
+    if pid <= 0:  # 0 and negative pids name process groups, not a process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
