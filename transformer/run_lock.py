@@ -53,7 +53,7 @@ def _pid_running(pid: int) -> bool:
 def _describe(owner: dict[str, Any]) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
     age = time.time() - owner.get("refreshed", 0)
-    return f"pid {owner.get('pid')} on host {owner.get('host')!r}, started {started}, alive {age:.0f} s ago"
+    return f"pid {owner.get('pid')} on host {owner.get('host')!r}, started {started}, last refreshed {age:.0f} s ago"
 
 
 class RunLock:
