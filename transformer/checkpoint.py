@@ -99,6 +99,10 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
     Returns:
         The last checkpoint's state with its "model" replaced by the element-wise mean of all
         models' float tensors (kept in float64 while summing). Training state is dropped.
+
+    Raises:
+        CheckpointError: a file that does not load, or one whose model config or tokenizers differ
+            from the first file's (named in the message).
     """
     if not paths:
         raise CheckpointError("no checkpoints to average")
@@ -154,7 +158,8 @@ def save_averaged(paths: Sequence[str | Path], output: str | Path) -> None:
     """
     output = Path(output)
     for path in paths:
-        if Path(path).resolve() == output.resolve() or (output.exists() and output.samefile(path)):
+        same = output.exists() and Path(path).exists() and output.samefile(path)  # also through links
+        if same or Path(path).resolve() == output.resolve():
             raise CheckpointError(f"{output}: is one of the checkpoints to average; write the average to another file")
     if output.is_dir():
         raise CheckpointError(f"{output}: is a folder; give the averaged checkpoint a file name")
