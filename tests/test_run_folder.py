@@ -123,6 +123,52 @@ def test_the_lock_is_refreshed_while_held_and_given_up_when_taken(tmp_path, monk
     assert json.loads(lock.path.read_text())["token"] == "someone-else"
 
 
+def test_a_lock_file_not_yet_written_is_not_taken_for_a_stale_one(tmp_path):
+    from transformer.run_lock import RunLock, RunLockedError
+
+    first, second = RunLock(tmp_path), RunLock(tmp_path)
+    record, seen = first._record, []
+
+    def second_run_looks_then_record():  # the lock file exists and is still empty
+        try:
+            second.acquire()
+            seen.append("second took the lock")
+        except RunLockedError as e:
+            seen.append(str(e))
+        return record()
+
+    first._record = second_run_looks_then_record
+    first.acquire()
+    try:
+        assert len(seen) == 1 and "in use by another run (its lock file holds no owner yet" in seen[0], seen
+        assert json.loads(first.path.read_text())["token"] == first.token
+    finally:
+        first.release()
+        second.release()
+
+
+def test_on_this_host_a_live_owner_keeps_its_lock_however_old_and_a_reused_pid_loses_it(tmp_path):
+    from transformer import run_lock
+    from transformer.run_lock import RunLock, RunLockedError
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        identity = run_lock._process_identity(sleeper.pid)
+        assert identity is not None and identity != run_lock._process_identity(os.getpid())
+        # Stopped with Ctrl-Z for ten minutes, or unable to refresh on a full disk: alive, still the owner.
+        write_lock(tmp_path, pid=sleeper.pid, process=identity, refreshed=time.time() - 2 * run_lock.STALE_SECONDS)
+        with pytest.raises(RunLockedError, match=f"pid {sleeper.pid} on host"):
+            RunLock(tmp_path).acquire()
+        # The lock's pid now names a process that started later than the lock's owner did.
+        write_lock(tmp_path, pid=sleeper.pid, process=identity.rsplit(" ", 1)[0] + " 1")
+        with RunLock(tmp_path) as lock:
+            held = json.loads(lock.path.read_text())
+            assert held["token"] == lock.token and held["process"] == run_lock._process_identity(os.getpid())
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 # ---- resuming ----
 
 @pytest.mark.parametrize("change, shown", [

@@ -5,9 +5,15 @@ refreshed, plus a random token that tells two owners with the same pid apart. A 
 rewrites the refresh time every `REFRESH_SECONDS`. Another process may take the lock over only
 when it is stale:
 
-- on the same host, when the owner's pid no longer runs (a killed run), or
-- on any host, when the refresh time is older than `STALE_SECONDS`: a run on another machine of a
-  shared file system whose pid cannot be checked from here, or a pid that was reused.
+- on the same host, when the owner's process no longer runs: its pid is gone (a killed run), or
+  now belongs to a process started later (a reused pid; told apart by the process start time the
+  lock records, where `/proc` gives it). A live owner keeps the lock however old its refresh time:
+  a run stopped with Ctrl-Z, or one that cannot refresh on a full disk, still owns its folder;
+- on another host, when the refresh time is older than `STALE_SECONDS`: its pid cannot be checked
+  from here. The same rule serves the same host where `/proc` is missing.
+
+A lock file that cannot be read counts as refreshed when it was last modified: it may be one that
+its owner has just created and not yet written, which must not be taken for a stale one.
 
 Otherwise acquiring fails with a one-line :class:`RunLockedError` naming the owner. Under
 `torchrun` only global rank 0 writes the run folder, so only it takes the lock.
@@ -50,7 +56,20 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
+def _process_identity(pid: int) -> str | None:
+    """The boot and start time of process `pid`, which a later process with the same pid cannot share;
+    None where `/proc` does not tell (not Linux) or the process is gone."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return f"{boot} {stat.rsplit(')', 1)[1].split()[19]}"  # field 22, starttime: after the ')' closing the name
+
+
 def _describe(owner: dict[str, Any]) -> str:
+    if "pid" not in owner:
+        return f"its lock file holds no owner yet, last modified {time.time() - owner['refreshed']:.0f} s ago"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
     age = time.time() - owner.get("refreshed", 0)
     return f"pid {owner.get('pid')} on host {owner.get('host')!r}, started {started}, last refreshed {age:.0f} s ago"
@@ -67,28 +86,46 @@ class RunLock:
         self.path = Path(run_dir) / LOCK_NAME
         self.token = uuid.uuid4().hex
         self.started = time.time()
+        self.process = _process_identity(os.getpid())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _record(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "started": self.started,
+        return {"pid": os.getpid(), "host": socket.gethostname(), "process": self.process, "started": self.started,
                 "refreshed": time.time(), "token": self.token}
 
     def _read(self, path: Path | None = None) -> dict[str, Any] | None:
-        """The lock's owner record; None if there is no lock file. An unreadable one counts as stale."""
+        """The lock's owner record; None if there is no lock file.
+
+        A file that holds no valid record (empty while its owner is about to write it, or damaged)
+        reads as `{"refreshed": its modification time}`: live for `STALE_SECONDS`, then stale.
+        """
+        path = path or self.path
         try:
-            owner = json.loads((path or self.path).read_text(encoding="utf-8"))
+            owner = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            return {"refreshed": 0}
-        return owner if isinstance(owner, dict) else {"refreshed": 0}
+            owner = None
+        if isinstance(owner, dict) and isinstance(owner.get("pid"), int) and isinstance(owner.get("refreshed"), (int, float)):
+            return owner
+        try:
+            return {"refreshed": path.stat().st_mtime}
+        except FileNotFoundError:
+            return None
 
     def is_stale(self, owner: dict[str, Any]) -> bool:
         """Whether the run that wrote `owner` is gone (see the module docstring)."""
-        if time.time() - float(owner.get("refreshed", 0)) > STALE_SECONDS:
+        aged = time.time() - owner["refreshed"] > STALE_SECONDS
+        if owner.get("host") != socket.gethostname():
+            return aged
+        pid = owner.get("pid", -1)
+        if not _pid_running(pid):
             return True
-        return owner.get("host") == socket.gethostname() and not _pid_running(int(owner.get("pid", -1)))
+        recorded, now = owner.get("process"), _process_identity(pid)
+        if recorded is not None and now is not None:
+            return recorded != now
+        return aged
 
     def acquire(self) -> None:
         """Take the lock, taking over a stale one (logged).
