@@ -245,10 +245,15 @@ def test_a_new_run_removes_temporary_files_of_killed_writes(corpus, tmp_path, ca
     leftover.write_bytes(b"x" * 1000)
     unrelated = tmp_path / "notes.tmp"  # not of our naming pattern: kept
     unrelated.write_text("mine")
+    # Another run's folder inside this one, in the middle of a write: not this run's to clean.
+    nested = tmp_path / "other-run" / "checkpoints" / ".step_00000100.pt.tmp4242"
+    nested.parent.mkdir(parents=True)
+    nested.write_bytes(b"being written")
     with caplog.at_level(logging.INFO):
         main(["--config", str(CONFIG), *overrides(corpus, tmp_path, train_max_steps=2, train_average_last=1,
                                                  train_eval_bleu_sentences=0)])
     assert not leftover.exists() and unrelated.read_text() == "mine"
+    assert nested.read_bytes() == b"being written"
     assert any(r.getMessage().startswith(f"removed {leftover}") for r in caplog.records)
 
 

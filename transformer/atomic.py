@@ -73,17 +73,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete the temporary files of :func:`atomic_write` in `folder` and its subfolders, logging each.
+    """Delete the temporary files of :func:`atomic_write` in `folder` (not its subfolders), logging each.
 
     Only call this while no other process writes `folder` (a training run does it holding the
-    run's lock): another writer's temporary file would look just as stale.
+    run's lock): another writer's temporary file would look just as stale. Subfolders are left
+    alone: the lock covers the files a run writes, not another run's folder nested inside.
 
     Returns:
         The files removed.
     """
     removed = []
     own = f".tmp{os.getpid()}"  # this process's own writes are under way, not stale
-    for path in sorted(Path(folder).rglob(".*.tmp*")):
+    for path in sorted(Path(folder).glob(".*.tmp*")):
         if TEMP_PATTERN.match(path.name) and not path.name.endswith(own) and path.is_file():
             path.unlink(missing_ok=True)
             log.info("removed %s, left behind by an interrupted write", path)

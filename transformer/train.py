@@ -248,7 +248,8 @@ def claim_run_folder(run_dir: Path, run_log: RunLog, skipped: list[tuple[Path, s
     """The checks have passed: start the log and clear what interrupted runs left in the folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
     run_log.start(run_dir / "train.log")
-    remove_stale_temp_files(run_dir)
+    for folder in (run_dir, run_dir / "checkpoints"):  # where a run writes
+        remove_stale_temp_files(folder)
     for path, reason in skipped:
         path.rename(path.with_name(path.name + ".unreadable"))
         log.warning("renamed %s to %s.unreadable (%s)", path, path.name, reason)
