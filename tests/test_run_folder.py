@@ -231,6 +231,16 @@ def test_resume_skips_an_unreadable_newest_checkpoint_and_replays_without_duplic
     assert steps_logged(run_dir) == steps_logged(reference)
 
 
+def test_resume_drops_a_metrics_row_cut_short_with_the_replayed_ones(tmp_path):
+    from transformer.train import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 6)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')  # a full disk mid-append
+    MetricsLog(path, enabled=True).truncate(3)
+    assert read_metrics(path) == rows[:3]
+
+
 def test_the_curves_count_a_step_logged_twice_once(tmp_path):
     rows = [{"step": 5, "loss": 3.0}, {"step": 10, "loss": 2.0}, {"step": 10, "valid_loss": 2.5, "minutes": 1},
             {"step": 10, "loss": 2.1}, {"step": 10, "valid_loss": 2.4, "minutes": 1.2}]

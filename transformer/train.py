@@ -206,14 +206,27 @@ class MetricsLog:
                 raise WriteError(f"{self.path}: cannot write: {e.strerror or e}") from None
 
     def truncate(self, step: int) -> None:
-        """Drop the rows after `step`: a resumed run replays those steps and logs them again."""
+        """Drop the rows after `step`: a resumed run replays those steps and logs them again.
+
+        A row cut short (the disk filled up, or the machine died, in the middle of an append) is
+        dropped too.
+        """
         if not self.enabled or not self.path.is_file():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        kept = [line for line in lines if (row := _json_row(line)) is not None and row["step"] <= step]
         if len(kept) < len(lines):
             atomic_write_bytes(self.path, "".join(kept).encode("utf-8"))
             log.info("%s: dropped %d rows after step %d, which this run replays", self.path, len(lines) - len(kept), step)
+
+
+def _json_row(line: str) -> dict | None:
+    """A metrics row, or None for a line that is not one."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 class RunLog:
