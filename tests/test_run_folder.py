@@ -186,6 +186,14 @@ def test_resume_with_other_settings_is_refused_before_anything_is_written(change
     assert snapshot(run_dir) == before
 
 
+def test_resume_of_a_folder_that_does_not_exist_creates_nothing(corpus, tmp_path):
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(CONFIG), "--resume", *overrides(corpus, missing)])
+    one_line_error(exit, str(missing), "--resume given but there is no such run folder")
+    assert not missing.exists()
+
+
 def test_a_finished_run_resumed_with_the_same_budget_changes_nothing(reference, corpus, tmp_path, caplog):
     run_dir = copy_run(reference, tmp_path)
     before = snapshot(run_dir)

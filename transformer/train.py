@@ -319,6 +319,8 @@ def train(cfg: Config, resume: bool = False) -> Path:
         RunLockedError: another run owns the directory.
         CheckpointError: nothing to resume, or settings a resumed run may not change.
     """
+    if resume and not Path(cfg.train.output_dir).is_dir():  # checked before the lock creates the folder
+        raise CheckpointError(f"{cfg.train.output_dir}: --resume given but there is no such run folder")
     is_main = int(os.environ.get("RANK", "0")) == 0
     run_log = RunLog() if is_main else None
     try:
