@@ -203,6 +203,24 @@ def test_a_finished_run_resumed_with_the_same_budget_changes_nothing(reference, 
     assert any(f"finished at step {MAX_STEPS} (step limit); nothing to do" in r.getMessage() for r in caplog.records)
 
 
+def test_a_finished_run_whose_final_pt_is_of_an_earlier_budget_gets_its_own(reference, corpus, tmp_path, caplog):
+    # Finished at step 25, resumed with max_steps=30 and killed after step 30's checkpoint, before
+    # its final.pt: the final.pt there is step 25's.
+    from transformer.checkpoint import save_averaged
+
+    run_dir = copy_run(reference, tmp_path)
+    final = run_dir / "checkpoints" / "final.pt"
+    final.unlink()
+    save_averaged(run_checkpoints(run_dir)[:-1], final)
+    assert load_checkpoint(final)["step"] < MAX_STEPS
+    with caplog.at_level(logging.INFO):
+        main(["--config", str(CONFIG), "--resume", *overrides(corpus, run_dir)])
+    assert any("without its average: wrote" in r.getMessage() for r in caplog.records)
+    written, uninterrupted = load_checkpoint(final), load_checkpoint(reference / "checkpoints" / "final.pt")
+    assert written["step"] == MAX_STEPS
+    assert_same_tensors(written["model"], uninterrupted["model"], "model")
+
+
 def test_a_larger_budget_is_accepted_logged_and_trained(reference, corpus, tmp_path, caplog):
     run_dir = copy_run(reference, tmp_path)
     with caplog.at_level(logging.INFO):

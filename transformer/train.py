@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from .atomic import WriteError, atomic_write_bytes, remove_stale_temp_files
 from .checkpoint import (
-    CheckpointError, checkpoint_config, checkpoint_tokenizers, load_resume_checkpoint, resume_changes, run_checkpoints,
-    save_averaged, save_checkpoint, tokenizer_state,
+    CheckpointError, checkpoint_config, checkpoint_tokenizers, load_checkpoint, load_resume_checkpoint, resume_changes,
+    run_checkpoints, save_averaged, save_checkpoint, tokenizer_state,
 )
 from .config import Config, ConfigError, TrainConfig, config_to_dict, load_config, save_config
 from .data import BatchSampler, DataError, ParallelData, collate, encode_pairs, load_split, make_batches
@@ -279,6 +279,15 @@ def _reduce(value: float, world_size: int, op: dist.ReduceOp = dist.ReduceOp.SUM
     return tensor.item()
 
 
+def _final_of_step(final: Path, step: int) -> bool:
+    """Whether `final` is the average a run that stopped at `step` writes (a run resumed with a larger
+    budget and killed before its own final.pt still holds the earlier one)."""
+    try:
+        return load_checkpoint(final).get("step") == step
+    except CheckpointError:  # absent or unreadable: write it
+        return False
+
+
 def stop_reason(tc: TrainConfig, position: Position, batches_per_epoch: int) -> str | None:
     """Why training must stop at `position` ("step limit", ...), or None while the budget lasts."""
     if tc.max_steps and position.step >= tc.max_steps:
@@ -371,10 +380,10 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None) -> Path:
     sampler = BatchSampler(batches, tc.seed, rank, world_size)
     if resume_state is not None and (done := stop_reason(tc, Position(**resume_state["position"]), len(sampler))):
         final = run_dir / "checkpoints" / "final.pt"
-        if final.is_file():
+        if _final_of_step(final, resume_state["step"]):
             log.info("%s finished at step %d (%s); nothing to do. Raise train.max_steps (or the limit reached) "
                      "to train on", run_dir, resume_state["step"], done)
-        elif is_main:  # stopped between its last checkpoint and final.pt
+        elif is_main:  # stopped between its last checkpoint and final.pt (absent, or left from a smaller budget)
             claim_run_folder(run_dir, run_log, skipped)
             plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png")
             save_averaged(run_checkpoints(run_dir)[-tc.average_last:], final)
