@@ -70,7 +70,7 @@ def test_average_refuses_checkpoints_of_another_vocabulary_or_tokenizer_or_model
     one_line_error(exit, "tokenizer.pt", "src tokenizer differs")
 
 
-def test_average_refuses_to_write_over_an_input_or_into_a_folder(run, tmp_path):
+def test_average_refuses_to_write_over_an_input_or_into_a_folder(run, tmp_path, monkeypatch):
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
     a.write_bytes((run / "checkpoints" / "step_1.pt").read_bytes())
     b.write_bytes((run / "checkpoints" / "step_2.pt").read_bytes())
@@ -79,7 +79,7 @@ def test_average_refuses_to_write_over_an_input_or_into_a_folder(run, tmp_path):
         average.main(["--inputs", str(a), str(b), "--output", str(b)])
     one_line_error(exit, str(b), "one of the checkpoints to average")
     assert b.read_bytes() == before
-    os.chdir(tmp_path)  # the same file named another way
+    monkeypatch.chdir(tmp_path)  # the same file named another way
     with pytest.raises(SystemExit) as exit:
         average.main(["--inputs", str(a), "b.pt", "--output", str(tmp_path / "." / "b.pt")])
     one_line_error(exit, "one of the checkpoints to average")
@@ -124,7 +124,7 @@ def test_attention_refuses_sentences_too_long_to_draw(run, tmp_path, capsys):
 
 
 def test_the_attention_figure_stays_within_its_size_bound(monkeypatch, tmp_path):
-    monkeypatch.setattr(attention_plot, "MAX_FIGURE_INCHES", 20.0, raising=False)
+    monkeypatch.setattr(attention_plot, "MAX_FIGURE_INCHES", 20.0)
     pieces = [f"w{i}" for i in range(40)]  # 0.18 inch per piece: 7.2-inch panels, four rows of them
     maps = {kind: [torch.full((1, 2, 40, 40), 1 / 40)] for kind in ("encoder", "cross")}
     maps["decoder"] = [torch.full((1, 2, 40, 40), 1 / 40)] * 2
