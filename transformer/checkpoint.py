@@ -117,7 +117,7 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
         if total and model.keys() != total.keys():
             raise CheckpointError(f"{path}: its parameters differ from {paths[0]}; cannot average")
         if first is None:
-            first = state
+            first = {key: state[key] for key in ("config", "tokenizers") if key in state}  # not its optimizer state
         else:
             _check_same_run(first, state, paths[0], path)
         for name, tensor in model.items():
