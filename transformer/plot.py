@@ -14,8 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 def read_metrics(path: str | Path) -> list[dict]:
     """The JSON lines of a metrics log, one dict per line, in step order.
 
-    A step logged twice (a run resumed from a checkpoint older than its log, written before resume
-    truncated the log) counts once, with its latest row, so that curves never double back.
+    A step logged twice counts once, with its latest row, so that curves never double back. (A
+    resumed run drops the rows of the steps it replays; a log that still repeats steps, copied
+    together by hand say, is drawn correctly too.)
     """
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]

@@ -433,6 +433,7 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None) -> Path:
     window_tokens, window_loss, window_start = 0, 0.0, time.perf_counter()
     segment_start, elapsed_before = time.perf_counter(), position.elapsed
     reason = "step limit"
+    budget = replace(tc, patience=0)  # patience is checked after validation, the other limits after every step
 
     def save(path_kind: str = "step") -> None:
         rng = rng_states(world_size)  # every rank takes part in gathering the states
@@ -508,7 +509,7 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None) -> Path:
                 window_tokens, window_loss, window_start = 0, 0.0, time.perf_counter()
 
             # ---- validation, checkpoints, stopping ----
-            limit = stop_reason(replace(tc, patience=0), position, len(epoch_batches))  # patience: after validation
+            limit = stop_reason(budget, position, len(epoch_batches))
             should_stop, reason = limit is not None, limit or reason
             if stop.signal is not None:
                 should_stop, reason = True, f"signal {signal.Signals(stop.signal).name}"
