@@ -194,6 +194,14 @@ def test_resume_of_a_folder_that_does_not_exist_creates_nothing(corpus, tmp_path
     assert not missing.exists()
 
 
+def test_resume_accepts_another_test_split_which_training_never_reads():
+    from transformer.checkpoint import resume_changes
+
+    requested = load_config(None, ["data.test_split=test_2017_flickr", "data.hub_test_split=test2017"])
+    assert resume_changes(load_config(None), requested, step=5) == [
+        "data.test_split 'test_2016_flickr' -> 'test_2017_flickr'", "data.hub_test_split 'test' -> 'test2017'"]
+
+
 def test_a_finished_run_resumed_with_the_same_budget_changes_nothing(reference, corpus, tmp_path, caplog):
     run_dir = copy_run(reference, tmp_path)
     before = snapshot(run_dir)

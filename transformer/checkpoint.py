@@ -205,10 +205,11 @@ def load_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any], l
 
 RESUME_KEYS = ("config", "model", "tokenizers", "optimizer", "position", "rng")
 # Settings a resumed run may change: budgets, logging, validation, checkpoint cadence, decoding for
-# validation, and where and how fast it runs. Everything else changes the model, the tokenizer, the
-# data or the optimisation that the checkpoint's state belongs to.
+# validation, the test split (training never reads it), and where and how fast it runs. Everything
+# else changes the model, the tokenizer, the data or the optimisation that the checkpoint's state
+# belongs to.
 RESUME_MAY_CHANGE = {
-    "tokenizer.cache_dir",
+    "tokenizer.cache_dir", "data.test_split", "data.hub_test_split",
     *(f"train.{key}" for key in (
         "output_dir", "device", "threads", "precision", "max_steps", "max_epochs", "max_minutes", "log_every",
         "eval_every", "eval_bleu_sentences", "save_every", "keep_last", "patience", "max_nonfinite", "average_last",
