@@ -169,6 +169,14 @@ def test_on_this_host_a_live_owner_keeps_its_lock_however_old_and_a_reused_pid_l
         sleeper.wait()
 
 
+def test_a_run_folder_that_cannot_be_created_is_one_line(corpus, tmp_path):
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a folder")
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(CONFIG), *overrides(corpus, in_the_way / "run")])
+    one_line_error(exit, str(in_the_way / "run"), "Not a directory")
+
+
 # ---- resuming ----
 
 @pytest.mark.parametrize("change, shown", [

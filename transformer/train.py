@@ -563,7 +563,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg, resume=args.resume)
-    except (ConfigError, DataError, CheckpointError, TrainingError, RunLockedError, WriteError) as e:
+    # OSError: a WriteError, or a run folder that cannot be created (a file in its way, no permission).
+    except (ConfigError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:
         sys.exit(f"error: {e}")
 
 
