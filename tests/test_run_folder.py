@@ -177,6 +177,36 @@ def test_a_run_folder_that_cannot_be_created_is_one_line(corpus, tmp_path):
     one_line_error(exit, str(in_the_way / "run"), "Not a directory")
 
 
+def test_a_run_whose_lock_is_taken_stops_without_writing_more(corpus, tmp_path, monkeypatch):
+    from transformer import run_lock, train
+
+    monkeypatch.setattr(run_lock, "REFRESH_SECONDS", 0.01)
+    validate = train.validate
+
+    def validate_while_another_run_takes_the_folder(*args, **kwargs):
+        result = validate(*args, **kwargs)
+        write_lock(tmp_path)  # the lock deleted by hand and another run started, say
+        deadline = time.monotonic() + 10
+        while not any("no longer held" in r.getMessage() for r in caught) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return result
+
+    caught: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = caught.append
+    logging.getLogger("transformer.run_lock").addHandler(handler)
+    monkeypatch.setattr(train, "validate", validate_while_another_run_takes_the_folder)
+    try:
+        with pytest.raises(SystemExit) as exit:
+            main(["--config", str(CONFIG), *overrides(corpus, tmp_path, train_eval_bleu_sentences=0)])
+    finally:
+        logging.getLogger("transformer.run_lock").removeHandler(handler)
+    one_line_error(exit, f"{tmp_path / LOCK} is no longer this run's", "stopped at step 10")
+    assert [step_of(p) for p in run_checkpoints(tmp_path)] == [5]  # nothing written after step 10's validation
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()
+    assert json.loads((tmp_path / LOCK).read_text())["token"] == "someone-else"  # the other run's lock kept
+
+
 # ---- resuming ----
 
 @pytest.mark.parametrize("change, shown", [

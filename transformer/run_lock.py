@@ -15,7 +15,8 @@ when it is stale:
 A lock file that cannot be read counts as refreshed when it was last modified: it may be one that
 its owner has just created and not yet written, which must not be taken for a stale one.
 
-Otherwise acquiring fails with a one-line :class:`RunLockedError` naming the owner. Under
+Otherwise acquiring fails with a one-line :class:`RunLockedError` naming the owner. An owner whose
+lock is deleted or taken over finds out at its next refresh (`RunLock.lost`); training then stops. Under
 `torchrun` only global rank 0 writes the run folder, so only it takes the lock.
 
 This module imports nothing from the rest of the package.
@@ -87,6 +88,7 @@ class RunLock:
         self.token = uuid.uuid4().hex
         self.started = time.time()
         self.process = _process_identity(os.getpid())
+        self.lost = False  # set when a refresh finds the lock gone or another run's
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -173,6 +175,7 @@ class RunLock:
         owner = self._read()
         if owner is None or owner.get("token") != self.token:
             log.warning("%s is no longer held by this run", self.path)
+            self.lost = True
             self._stop.set()
             return
         tmp = self.path.with_name(f".{LOCK_NAME}.tmp{os.getpid()}")

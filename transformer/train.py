@@ -333,15 +333,15 @@ def train(cfg: Config, resume: bool = False) -> Path:
     is_main = int(os.environ.get("RANK", "0")) == 0
     run_log = RunLog() if is_main else None
     try:
-        with RunLock(cfg.train.output_dir) if is_main else contextlib.nullcontext():
-            return _train(cfg, resume, run_log)
+        with RunLock(cfg.train.output_dir) if is_main else contextlib.nullcontext() as lock:
+            return _train(cfg, resume, run_log, lock)
     finally:
         if run_log is not None:
             run_log.close()
 
 
-def _train(cfg: Config, resume: bool, run_log: RunLog | None) -> Path:
-    """`train` once the run directory is this process's."""
+def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | None) -> Path:
+    """`train` once the run directory is this process's (`lock`: rank 0's hold on it)."""
     tc = cfg.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -435,7 +435,13 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None) -> Path:
     reason = "step limit"
     budget = replace(tc, patience=0)  # patience is checked after validation, the other limits after every step
 
+    def check_lock() -> None:
+        if lock is not None and lock.lost:  # an attribute the refresh thread sets: no I/O here
+            raise TrainingError(f"{lock.path} is no longer this run's (deleted, or taken over by another run); "
+                                f"stopped at step {position.step} without writing more to {run_dir}")
+
     def save(path_kind: str = "step") -> None:
+        check_lock()
         rng = rng_states(world_size)  # every rank takes part in gathering the states
         if is_main:
             state = checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok, rng)
@@ -509,6 +515,7 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None) -> Path:
                 window_tokens, window_loss, window_start = 0, 0.0, time.perf_counter()
 
             # ---- validation, checkpoints, stopping ----
+            check_lock()
             limit = stop_reason(budget, position, len(epoch_batches))
             should_stop, reason = limit is not None, limit or reason
             if stop.signal is not None:
@@ -518,6 +525,7 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None) -> Path:
             if position.step % tc.eval_every == 0 or should_stop:
                 if is_main:
                     result = validate(cfg, model, loss_fn, valid, valid_text, src_tok, tgt_tok, device)
+                    check_lock()  # validation takes a while: the lock may have gone meanwhile
                     metrics.write(step=position.step, minutes=position.elapsed / 60, **result)
                     log.info("step %d validation: %s", position.step, ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
                     bleu = result.get("valid_bleu", -result["valid_loss"])
