@@ -9,7 +9,6 @@ so the kill lands at the same place every time; the resume runs in-process.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 from test_train import (  # noqa: F401 (fixtures)
     CONFIG, MAX_STEPS, ROOT, TIMEOUT, assert_same_tensors, corpus, overrides, reference, restore_process_state,
 )
+from test_run_folder import steps_logged
 from transformer.checkpoint import load_checkpoint, run_checkpoints
 from transformer.train import main
 
@@ -109,8 +109,3 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_result(point, refere
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name] and not (tmp_path / "run.lock").exists()
     # The replayed steps are logged once, as in the uninterrupted run.
     assert steps_logged(tmp_path) == steps_logged(reference)
-
-
-def steps_logged(run_dir: Path) -> list[tuple[int, bool]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], "valid_loss" in r) for r in rows]

@@ -140,7 +140,7 @@ def test_a_lock_file_not_yet_written_is_not_taken_for_a_stale_one(tmp_path):
     first._record = second_run_looks_then_record
     first.acquire()
     try:
-        assert len(seen) == 1 and "in use by another run (its lock file holds no owner yet" in seen[0], seen
+        assert len(seen) == 1 and "in use by another run (its lock file holds no owner record" in seen[0], seen
         assert json.loads(first.path.read_text())["token"] == first.token
     finally:
         first.release()

@@ -70,7 +70,8 @@ def _process_identity(pid: int) -> str | None:
 
 def _describe(owner: dict[str, Any]) -> str:
     if "pid" not in owner:
-        return f"its lock file holds no owner yet, last modified {time.time() - owner['refreshed']:.0f} s ago"
+        return f"its lock file holds no owner record (being written, or damaged), last modified " \
+               f"{time.time() - owner['refreshed']:.0f} s ago"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
     age = time.time() - owner.get("refreshed", 0)
     return f"pid {owner.get('pid')} on host {owner.get('host')!r}, started {started}, last refreshed {age:.0f} s ago"

@@ -327,6 +327,7 @@ def train(cfg: Config, resume: bool = False) -> Path:
     Raises:
         RunLockedError: another run owns the directory.
         CheckpointError: nothing to resume, or settings a resumed run may not change.
+        TrainingError: the run cannot go on (e.g. diverged, or its lock was deleted or taken over).
     """
     if resume and not Path(cfg.train.output_dir).is_dir():  # checked before the lock creates the folder
         raise CheckpointError(f"{cfg.train.output_dir}: --resume given but there is no such run folder")
