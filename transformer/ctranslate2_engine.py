@@ -1,0 +1,148 @@
+"""CTranslate2 as a second decoding engine: conversion of an exported Marian folder, and translation.
+
+The conversion is CTranslate2's own Transformers converter, with one setting changed: its Marian
+loader assumes Marian's convention of starting the decoder from a zero vector (Marian models start
+from the padding token, whose embedding is zero), while ours starts from the BOS embedding. The
+converted model therefore starts from the token `MarianConfig.decoder_start_token_id` names, as
+Hugging Face's `MarianMTModel` does.
+
+`CTranslate2Model.translate_ids` takes and returns our token ids, so `transformer.translator` and
+`transformer-evaluate` run it exactly as they run our model (same tokenization, batching and BLEU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import ctranslate2
+import torch
+from ctranslate2.converters import TransformersConverter
+
+from .config import Config, config_from_dict
+from .data import make_batches
+from .tokenizer import BOS_ID, PAD_ID, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "source.spm"  # the SentencePiece model, copied from the Hugging Face folder
+TRAINING_CONFIG = "training_config.yaml"
+GENERATION_CONFIG = "generation_config.json"
+# Our precision names -> CTranslate2 compute types.
+COMPUTE_TYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8", "auto": "default"}
+
+
+class _MarianConverter(TransformersConverter):
+    """CTranslate2's converter, adapted to where our vocabulary puts padding and how our decoder starts."""
+
+    def load_model(self, model_class, model_name_or_path, **kwargs):  # noqa: ANN001, ANN201 (CTranslate2's signature)
+        # CTranslate2's Marian loader drops the last row of the embeddings, which in Marian models
+        # from the Hub is the padding token appended after the vocabulary. Our padding is id 0, so
+        # the loaded model gets one extra row for the
+        # loader to drop.
+        model = super().load_model(model_class, model_name_or_path, **kwargs)
+        model.resize_token_embeddings(model.config.vocab_size + 1, mean_resizing=False)
+        return model
+
+    def _load(self):  # noqa: ANN202 (CTranslate2's signature)
+        spec = super()._load()
+        folder = Path(self._model_name_or_path)
+        start_id = json.loads((folder / "config.json").read_text(encoding="utf-8"))["decoder_start_token_id"]
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        spec.decoder.start_from_zero_embedding = False
+        spec.config.decoder_start_token = next(piece for piece, i in vocab.items() if i == start_id)
+        return spec
+
+
+def convert_marian(hf_dir: Path, output: Path, quantization: str = "float32") -> None:
+    """Convert a Hugging Face Marian folder written by `transformer.export` to a CTranslate2 model.
+
+    Args:
+        hf_dir: the exported Hugging Face folder.
+        output: folder to create (must not exist).
+        quantization: CTranslate2 weight type (float32, int8, int8_float32, bfloat16).
+    """
+    files = [TOKENIZER_FILE, TRAINING_CONFIG, GENERATION_CONFIG, "README.md"]
+    _MarianConverter(str(hf_dir), copy_files=files).convert(str(output), quantization=quantization)
+
+
+class CTranslate2Model:
+    """A converted model behind the interface `transformer.translator` uses: ids in, ids out.
+
+    Args:
+        folder: a folder written by `transformer-export --format ctranslate2`.
+        compute_type: CTranslate2 compute type ("default": as converted).
+        threads: intra-op threads (default: torch's).
+    """
+
+    def __init__(self, folder: str | Path, compute_type: str = "default", threads: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.translator = ctranslate2.Translator(
+            str(self.folder), device="cpu", compute_type=compute_type,
+            inter_threads=1, intra_threads=threads or torch.get_num_threads(),
+        )
+        self.tokenizer = Tokenizer.load(self.folder / TOKENIZER_FILE)
+        self.pieces = [self.tokenizer.id_to_piece(i) for i in range(self.tokenizer.vocab_size)]
+        self.ids = {piece: i for i, piece in enumerate(self.pieces)}
+        self.banned = [[self.pieces[PAD_ID]], [self.pieces[BOS_ID]]]  # never generated, as in our search
+
+    def translate_ids(
+        self, sources: Sequence[Sequence[int]], beam_size: int = 4, length_penalty: float = 1.0,
+        max_len_a: float = 1.0, max_len_b: int = 50, batch_tokens: int = 8000,
+    ) -> list[list[int]]:
+        """Translate id sequences (each ending with EOS, as `transformer.translator.source_ids` makes them).
+
+        Batches are cut as ours are. CTranslate2 takes one length limit per call: it gets the batch's
+        largest, floor(a * S + b) tokens before EOS, and each output is cut to its own sentence's limit.
+
+        Args:
+            length_penalty: CTranslate2's: score = log p / length^length_penalty.
+            Others: see `transformer.translator.translate_ids`.
+
+        Returns:
+            Output ids per source, without start token and EOS, in input order.
+        """
+        outputs: list[list[int]] = [[] for _ in sources]
+        nonempty = [i for i, ids in enumerate(sources) if ids]
+        lengths = [len(sources[i]) for i in nonempty]
+        for batch in make_batches(lengths, lengths, batch_tokens):
+            rows = [[self.pieces[t] for t in sources[nonempty[j]]] for j in batch]
+            limits = [math.floor(max_len_a * len(row) + max_len_b) for row in rows]
+            results = self.translator.translate_batch(
+                rows, beam_size=beam_size, length_penalty=length_penalty, max_decoding_length=max(limits) + 1,
+                suppress_sequences=self.banned, max_input_length=0,
+            )
+            for j, limit, result in zip(batch, limits, results):
+                # Cut at the sentence's own limit, where our search forces EOS.
+                outputs[nonempty[j]] = [self.ids[piece] for piece in result.hypotheses[0][:limit]]
+        return outputs
+
+
+def load_ctranslate2(folder: str | Path, precision: str | None = None) -> tuple[CTranslate2Model, Config, float]:
+    """Load an exported CTranslate2 folder.
+
+    Args:
+        folder: from `transformer-export --format ctranslate2`.
+        precision: "fp32", "bf16", "int8", or None/"auto" for the converted weight type.
+
+    Returns:
+        The model, the training config stored with it, and the length penalty of its generation defaults.
+
+    Raises:
+        FileNotFoundError: a folder that is not such an export.
+    """
+    import yaml
+
+    folder = Path(folder)
+    for name in ("model.bin", TOKENIZER_FILE, TRAINING_CONFIG):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder}: not a CTranslate2 export of this package (no {name})")
+    config = config_from_dict(yaml.safe_load((folder / TRAINING_CONFIG).read_text(encoding="utf-8")),
+                              source=str(folder / TRAINING_CONFIG))
+    generation = json.loads((folder / GENERATION_CONFIG).read_text(encoding="utf-8"))
+    model = CTranslate2Model(folder, COMPUTE_TYPES[precision or "auto"])
+    return model, config, float(generation.get("length_penalty", 1.0))
+
