@@ -2,7 +2,8 @@
 
 The paper evaluates the average of the last 5 (base) or 20 (big) checkpoints. `--run-dir DIR
 --last N` picks the N most recent step checkpoints of a training run. The result is a checkpoint
-that `transformer-evaluate` and `transformer-translate` load like any other.
+that `transformer-evaluate` and `transformer-translate` load like any other; `--format safetensors`
+writes only what inference needs (weights, tokenizers, config), in a format read without unpickling.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--run-dir", type=Path, help="training run whose last step checkpoints are averaged")
     parser.add_argument("--last", type=int, default=5, help="with --run-dir: how many checkpoints (default: 5)")
     parser.add_argument("--output", type=Path, required=True, help="averaged checkpoint to write")
+    parser.add_argument("--format", choices=("checkpoint", "safetensors"), default="checkpoint",
+                        help="checkpoint (torch file, default) or safetensors (weights, tokenizers and config "
+                             "for inference and sharing; read without unpickling)")
     return parser
 
 
@@ -47,7 +51,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             paths = found[-args.last:]
         else:
             paths = args.inputs
-        save_averaged(paths, args.output)
+        save_averaged(paths, args.output, args.format)
+    except ImportError:
+        sys.exit("error: --format safetensors needs the safetensors package: pip install 'transformer[export]'")
     except (CheckpointError, OSError) as e:
         sys.exit(f"error: {e}")
     logger.info("averaged %d checkpoints (%s) into %s", len(paths), ", ".join(p.name for p in paths), args.output)

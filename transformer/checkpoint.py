@@ -3,11 +3,14 @@
 A checkpoint is one file holding everything needed to continue training or to translate: the
 weights, the resolved config, the SentencePiece models (as bytes, so the file is self-contained),
 and, for resuming, the optimizer state, the step, the data position and the RNG state. Files are
-read with `torch.load(weights_only=True)`, which never executes code from the file.
+read with `torch.load(weights_only=True)`, which never executes code from the file. For sharing
+and inference, the weights, tokenizers and config can also be written as safetensors
+(`save_safetensors`), which every loader here reads by the .safetensors suffix.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -16,12 +19,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, atomic_write_bytes
 from .config import Config, ConfigError, config_from_dict, config_to_dict
 from .model import Transformer
 from .tokenizer import PAD_ID, Tokenizer
 
 FORMAT = "transformer-checkpoint/1"
+SAFETENSORS_FORMAT = "transformer-weights/1"  # inference-only weights + tokenizers + config
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # how torch's weights_only unpickler names a refused import
 log = logging.getLogger(__name__)
@@ -42,8 +46,60 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
 
 
+def save_safetensors(state: dict[str, Any], path: str | Path) -> None:
+    """Write the inference part of a checkpoint (weights, tokenizers, config, step) as safetensors, atomically.
+
+    Tensors are stored under "model.NAME" and "tokenizers.SIDE"; the config is JSON in the file's
+    metadata. A tensor equal to one stored before it (tied embeddings) is stored once and recorded
+    as an alias, since safetensors keeps no shared tensors.
+
+    Raises:
+        WriteError: the file could not be written; no temporary file is left.
+    """
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    named = [(f"model.{k}", v) for k, v in state["model"].items()]
+    named += [(f"tokenizers.{k}", v) for k, v in state["tokenizers"].items()]
+    for name, tensor in named:
+        same = next((other for other, t in tensors.items()
+                     if t.shape == tensor.shape and t.dtype == tensor.dtype and torch.equal(t, tensor)), None)
+        if same is None:
+            tensors[name] = tensor.detach().contiguous().clone()
+        else:
+            aliases[name] = same
+    metadata = {"format": SAFETENSORS_FORMAT, "config": json.dumps(state["config"]), "aliases": json.dumps(aliases),
+                "step": str(state.get("step", 0))}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    """Read a file written by `save_safetensors` back into a checkpoint dict (never unpickles)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != SAFETENSORS_FORMAT:
+                raise CheckpointError(f"{path}: not a safetensors file of this project (no '{SAFETENSORS_FORMAT}' marker)")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tensors.update({name: tensors[same] for name, same in json.loads(metadata["aliases"]).items()})
+        config = json.loads(metadata["config"])
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises several types for foreign or truncated files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({reason[:200]})") from None
+    return {
+        "format": FORMAT, "config": config, "step": int(metadata.get("step", 0)),
+        "model": {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+        "tokenizers": {k[len("tokenizers."):]: v for k, v in tensors.items() if k.startswith("tokenizers.")},
+    }
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint without executing any code from it.
+    """Read a checkpoint (or a `save_safetensors` file, by its .safetensors suffix) without executing any code from it.
 
     Raises:
         CheckpointError: one line naming the file and what is wrong with it.
@@ -51,6 +107,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
@@ -148,8 +206,11 @@ def _check_same_run(first: dict[str, Any], other: dict[str, Any], first_path: st
                                   "checkpoints of different runs cannot be averaged")
 
 
-def save_averaged(paths: Sequence[str | Path], output: str | Path) -> None:
+def save_averaged(paths: Sequence[str | Path], output: str | Path, fmt: str = "checkpoint") -> None:
     """Average `paths` (see `average_checkpoints`) and write the result atomically to `output`.
+
+    Args:
+        fmt: "checkpoint" (torch file) or "safetensors" (weights, tokenizers and config only).
 
     Raises:
         CheckpointError: the inputs cannot be averaged, or `output` is one of them (it would lose the
@@ -165,7 +226,10 @@ def save_averaged(paths: Sequence[str | Path], output: str | Path) -> None:
         raise CheckpointError(f"{output}: is a folder; give the averaged checkpoint a file name")
     state = average_checkpoints(paths)
     state.pop("format", None)
-    save_checkpoint(state, output)
+    if fmt == "safetensors":
+        save_safetensors(state, output)
+    else:
+        save_checkpoint(state, output)
 
 
 def run_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -252,7 +316,11 @@ def resume_changes(saved: Config, requested: Config, step: int) -> list[str]:
 
 @dataclass
 class LoadedModel:
-    """A model ready to translate, with the config and tokenizers it was trained with."""
+    """A model ready to translate, with the config and tokenizers it was trained with.
+
+    `model` is a `Transformer`, or the int8 copy from `transformer.quantize`, or for exported
+    models decoded by CTranslate2 a `transformer.ctranslate2_engine.CTranslate2Model`.
+    """
 
     model: Transformer
     config: Config

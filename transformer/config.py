@@ -119,7 +119,7 @@ class DecodeConfig:
     max_len_a: float = 1.0  # max output length = a * source length + b
     max_len_b: int = 50  # additive term of the maximum output length
     batch_tokens: int = 8000  # source tokens per decoding batch
-    precision: str = "fp32"  # "fp32" | "bf16" (weights and activations; log-probs stay fp32) | "auto"
+    precision: str = "fp32"  # "fp32" | "bf16" (weights and activations; log-probs stay fp32) | "int8" (CPU) | "auto"
 
 
 @dataclass
@@ -284,7 +284,7 @@ def _validate(cfg: Config, source: str) -> None:
         (dec.max_len_b >= 0, "decode.max_len_b must be >= 0"),
         (dec.max_len_a > 0 or dec.max_len_b > 0, "decode.max_len_a and decode.max_len_b cannot both be 0"),
         (dec.batch_tokens > 0, "decode.batch_tokens must be > 0"),
-        (dec.precision in ("fp32", "bf16", "auto"), "decode.precision must be 'fp32', 'bf16' or 'auto'"),
+        (dec.precision in ("fp32", "bf16", "int8", "auto"), "decode.precision must be 'fp32', 'bf16', 'int8' or 'auto'"),
     ]
     for ok, message in checks:
         if not ok:

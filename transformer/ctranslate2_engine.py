@@ -20,6 +20,7 @@ from typing import Sequence
 
 import ctranslate2
 import torch
+import transformers
 from ctranslate2.converters import TransformersConverter
 
 from .config import Config, config_from_dict
@@ -44,7 +45,12 @@ class _MarianConverter(TransformersConverter):
         # the loaded model gets one extra row for the
         # loader to drop.
         model = super().load_model(model_class, model_name_or_path, **kwargs)
-        model.resize_token_embeddings(model.config.vocab_size + 1, mean_resizing=False)
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # not a new token to initialise: the row is dropped
+        try:
+            model.resize_token_embeddings(model.config.vocab_size + 1, mean_resizing=False)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         return model
 
     def _load(self):  # noqa: ANN202 (CTranslate2's signature)
@@ -113,7 +119,7 @@ class CTranslate2Model:
             limits = [math.floor(max_len_a * len(row) + max_len_b) for row in rows]
             results = self.translator.translate_batch(
                 rows, beam_size=beam_size, length_penalty=length_penalty, max_decoding_length=max(limits) + 1,
-                suppress_sequences=self.banned, max_input_length=0,
+                suppress_sequences=self.banned, max_input_length=0, min_decoding_length=0,
             )
             for j, limit, result in zip(batch, limits, results):
                 # Cut at the sentence's own limit, where our search forces EOS.

@@ -58,7 +58,9 @@ def translate_ids(
     """Search the best output ids for each source, in batches of similar length.
 
     Args:
-        model: the translation model, in eval mode.
+        model: the translation model, in eval mode; or another engine with this function's
+            `translate_ids` (see `transformer.ctranslate2_engine.CTranslate2Model`), which then gets
+            `sources` and the search settings.
         sources: source ids per sentence (e.g. from `source_ids`); an empty one gives an empty output.
         beam_size: hypotheses kept per sentence; 1 = greedy search.
         length_penalty: alpha of the length penalty (beam search only).
@@ -71,6 +73,8 @@ def translate_ids(
     Returns:
         Output ids per source, without BOS and EOS, in input order.
     """
+    if not isinstance(model, torch.nn.Module):  # another engine (`transformer.ctranslate2_engine.CTranslate2Model`)
+        return model.translate_ids(sources, beam_size, length_penalty, max_len_a, max_len_b, batch_tokens)
     if device is None:
         device = next(model.parameters()).device
     outputs: list[list[int]] = [[] for _ in sources]

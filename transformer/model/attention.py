@@ -46,6 +46,33 @@ def scaled_dot_product_attention(
     return F.dropout(weights, dropout, training=dropout > 0) @ value, weights
 
 
+class InputProjection(nn.Linear):
+    """W^Q, W^K and W^V stacked as one (3D, D) linear layer (the layout of `nn.MultiheadAttention`).
+
+    Self-attention applies all 3D rows in one matrix multiplication (`forward`); cross-attention
+    applies the W^Q rows to the queries (`query`) and the W^K, W^V rows to the memory (`memory`).
+    Naming the two halves lets an inference-only replacement (e.g. `transformer.quantize`) provide
+    them without slicing a weight.
+
+    Args:
+        d_model: model width D.
+        bias: whether the projections have biases.
+    """
+
+    def __init__(self, d_model: int, bias: bool = True) -> None:
+        super().__init__(d_model, 3 * d_model, bias=bias)
+
+    def query(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., D): x W^Q + b^Q."""
+        D = self.in_features
+        return F.linear(x, self.weight[:D], None if self.bias is None else self.bias[:D])
+
+    def memory(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., 2D): [x W^K + b^K, x W^V + b^V]."""
+        D = self.in_features
+        return F.linear(x, self.weight[D:], None if self.bias is None else self.bias[D:])
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention: h parallel scaled dot-product attentions over learned projections.
 
@@ -66,7 +93,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.d_model, self.n_heads, self.d_k = d_model, n_heads, d_model // n_heads
         self.dropout = dropout
-        self.in_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.in_proj = InputProjection(d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         nn.init.xavier_uniform_(self.in_proj.weight)
         nn.init.xavier_uniform_(self.out_proj.weight)
@@ -112,25 +139,24 @@ class MultiHeadAttention(nn.Module):
             output (B, T, D), or (N, D) with `layout`; and, if `need_weights`, weights
             (B, H, T, S), else None.
         """
-        w, b = self.in_proj.weight, self.in_proj.bias
         if layout is not None:
             if memory is not None or cache is not None:
                 raise ValueError("a packed query (layout) is for self-attention without a cache")
-            qkv = layout.unpack(F.linear(query, w, b))  # (B, T, 3D), zeros at padding
+            qkv = layout.unpack(self.in_proj(query))  # (B, T, 3D), zeros at padding
             B, T, D = qkv.size(0), qkv.size(1), self.d_model
             q, k, v = self._split_heads(qkv, 3)
         elif memory is None:
             B, T, D = query.shape
-            q, k, v = self._split_heads(F.linear(query, w, b), 3)
+            q, k, v = self._split_heads(self.in_proj(query), 3)
             if cache is not None:
                 k, v = cache.append(k, v)
         else:
             B, T, D = query.shape
-            q = self._split_heads(F.linear(query, w[:D], None if b is None else b[:D]), 1)[0]
+            q = self._split_heads(self.in_proj.query(query), 1)[0]
             if cache is not None and cache.key is not None:
                 k, v = cache.key, cache.value
             else:
-                k, v = self._split_heads(F.linear(memory, w[D:], None if b is None else b[D:]), 2)
+                k, v = self._split_heads(self.in_proj.memory(memory), 2)
                 if cache is not None:
                     # Contiguous once, rather than copied by the attention matmuls at every step.
                     k, v = k.contiguous(), v.contiguous()

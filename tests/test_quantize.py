@@ -1,0 +1,88 @@
+"""int8 decoding: every linear layer quantized, outputs close to float32, the float model untouched."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+from transformer import evaluate
+from transformer.model import MultiHeadAttention, Transformer
+from transformer.model.attention import InputProjection
+from transformer.quantize import Int8InputProjection, quantize_int8
+from transformer.search import beam_search
+
+from test_cli import run  # noqa: F401 (the tiny run fixture)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(300, 300, d_model=64, n_heads=4, d_ff=128, n_encoder_layers=2, n_decoder_layers=2,
+                       dropout=0.0, share_embeddings=True).eval()
+
+
+def test_every_linear_layer_is_int8_and_the_float_model_is_unchanged():
+    float_model = model()
+    before = {k: v.clone() for k, v in float_model.state_dict().items()}
+    quantized = quantize_int8(float_model)
+    assert not any(isinstance(m, (nn.Linear, InputProjection)) for m in quantized.modules())
+    projections = [m for m in quantized.modules() if isinstance(m, Int8InputProjection)]
+    assert len(projections) == 2 + 2 * 2  # encoder self-attention, decoder self- and cross-attention
+    # Per attention: the stacked projection and its 2 row blocks, and W^O; per layer 2 feed-forward
+    # layers; and the output projection.
+    n_int8 = sum(isinstance(m, DynamicInt8Linear) for m in quantized.modules())
+    assert n_int8 == 6 * (3 + 1) + 4 * 2 + 1
+    after = float_model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert isinstance(float_model.decoder.layers[0].cross_attn.in_proj, InputProjection)
+
+
+def test_the_int8_row_blocks_compute_the_stacked_projection():
+    attention = MultiHeadAttention(32, 4).eval()
+    int8 = Int8InputProjection(attention.in_proj)
+    x = torch.randn(5, 7, 32)
+    stacked = int8(x)
+    # The separately quantized row blocks agree with the stacked layer to int8 resolution ...
+    assert torch.allclose(torch.cat([int8.query(x), int8.memory(x)], dim=-1), stacked, atol=0.05)
+    # ... and each with the float rows it came from.
+    D = 32
+    reference = attention.in_proj(x)
+    assert torch.allclose(int8.query(x), reference[..., :D], atol=0.05)
+    assert torch.allclose(int8.memory(x), reference[..., D:], atol=0.05)
+    assert torch.allclose(attention.in_proj.query(x), reference[..., :D], atol=1e-6)
+    assert torch.allclose(attention.in_proj.memory(x), reference[..., D:], atol=1e-6)
+
+
+def test_int8_logits_and_beam_search_stay_close_to_float32():
+    float_model = model()
+    quantized = quantize_int8(float_model)
+    src = torch.randint(4, 300, (4, 9))
+    src[1, 6:] = 0
+    tgt = torch.randint(4, 300, (4, 6))
+    with torch.no_grad():
+        a, b = float_model(src, tgt), quantized(src, tgt)
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    found = beam_search(quantized, src, 3, 0.6, 1.0, 5, bos_id=2, eos_id=3)
+    assert len(found) == 4 and all(h[0].tokens for h in found)
+
+
+def test_evaluate_runs_in_int8_and_refuses_a_quantized_non_float_model(run, capsys):  # noqa: F811
+    ckpt = str(run / "checkpoints" / "step_1.pt")
+    results = {}
+    for precision in ("fp32", "int8"):
+        evaluate.main(["--checkpoint", ckpt, "--json", "--device", "cpu", "--precision", precision, "--beam", "1",
+                       "--output", str(run / f"hyp.{precision}.txt")])
+        results[precision] = json.loads(capsys.readouterr().out)
+    assert results["int8"]["precision"] == "int8" and results["int8"]["n_sentences"] == results["fp32"]["n_sentences"]
+    with pytest.raises(ValueError, match="float32 model on the CPU"):
+        quantize_int8(model().to(torch.bfloat16))
