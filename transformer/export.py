@@ -199,7 +199,7 @@ def save_marian_tokenizer(loaded: LoadedModel, folder: Path) -> None:
         marian = MarianTokenizer(
             str(spm_path), str(spm_path), str(vocab_path), source_lang=loaded.config.data.src_lang,
             target_lang=loaded.config.data.tgt_lang, unk_token=pieces[UNK_ID], eos_token=pieces[EOS_ID],
-            pad_token=pieces[PAD_ID], bos_token=pieces[BOS_ID], additional_special_tokens=[],
+            pad_token=pieces[PAD_ID], bos_token=pieces[BOS_ID],
             model_max_length=max(loaded.config.model.max_len, loaded.config.data.max_len),
         )
         marian.save_pretrained(str(folder))
@@ -254,10 +254,15 @@ A Transformer trained with the `transformer` package and exported, from {average
 the original model: the export only renames and permutes the weights.
 
 ```python
-from transformers import pipeline
-translate = pipeline("translation", model="PATH/TO/THIS/FOLDER")
-print(translate("..."))
+from transformers import AutoTokenizer, MarianMTModel
+tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
+model = MarianMTModel.from_pretrained("PATH/TO/THIS/FOLDER")
+batch = tokenizer(["..."], return_tensors="pt", padding=True)
+print(tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True))
 ```
+
+With Transformers 4.x, `pipeline("translation", model="PATH/TO/THIS/FOLDER")` does the same (Transformers 5
+removed the translation pipeline).
 
 Generation defaults (`generation_config.json`): beam {config.decode.beam_size}, length penalty
 {length_penalty} in Hugging Face's form (log-probability / length^penalty; the training package's
