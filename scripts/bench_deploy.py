@@ -154,13 +154,13 @@ def run_deploy(args: argparse.Namespace) -> dict:
                               "seconds": times[name], "sentences_per_s": n / statistics.median(times[name])}
                        for name in names}
     if args.profile:
-        results["profile"] = profile_ours(decoders["ours fp32"], sources["test"][: args.profile], args.beam_size,
-                                          results["alpha"]["ours"]["best"])
+        results["profile"] = {name: profile_ours(decoders[name], sources["test"][: args.profile], args.beam_size,
+                                                 results["alpha"]["ours"]["best"]) for name in ("ours fp32", "ours int8")}
     return results
 
 
 def profile_ours(decoder: Decoder, sources: Sequence[Sequence[int]], beam_size: int, alpha: float) -> str:
-    """Where float32 beam search spends its time: torch.profiler's operator table, by self CPU time."""
+    """Where beam search spends its time: torch.profiler's operator table, by self CPU time."""
     decoder(sources[:16], beam_size, alpha)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         decoder(sources, beam_size, alpha)
@@ -189,6 +189,6 @@ def report_deploy(results: dict) -> list[str]:
     rows = [[row] + [f"{beam[row]['sentences_per_s'] / beam[col]['sentences_per_s']:.2f}" for col in names]
             for row in names]
     out += ["", "Speed ratios (row / column, sentences/s):", "", table(["row / column"] + names, rows)]
-    if "profile" in d:
-        out += ["", "Ours in float32, beam search, operators by self CPU time:", "", "```", d["profile"], "```"]
+    for name, profile in d.get("profile", {}).items():
+        out += ["", f"{name}, beam search, operators by self CPU time:", "", "```", profile, "```"]
     return out
