@@ -169,7 +169,7 @@ def test_empty_file_gives_defaults(tmp_path: Path):
         ("tokenizer.vocab_size=50", r"tokenizer.vocab_size must be >= 100"),
         ("train.label_smoothing=1", r"train.label_smoothing must be in \[0, 1\)"),
         ("train.precision=fp8", r"train.precision must be"),
-        ("decode.precision=fp16", r"decode.precision must be 'fp32', 'bf16' or 'auto'"),
+        ("decode.precision=fp16", r"decode.precision must be 'fp32', 'bf16', 'int8' or 'auto'"),
         ("train.device=gpu", r"train.device must be"),
         ("train.max_tokens=0", r"train.max_tokens must be > 0"),
         ("decode.beam_size=0", r"decode.beam_size must be >= 1"),
