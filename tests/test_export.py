@@ -231,7 +231,7 @@ def one_line_error(exit: pytest.ExceptionInfo, *fragments: str) -> str:
 ])
 def test_unsupported_settings_are_one_line_errors_and_leave_nothing(run, tmp_path, setting, value, named):
     cfg = Config(model=ModelConfig(d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
-                                   max_len=32, **{setting: value}))
+                                   max_len=32, **{setting: value}), data=DataConfig(max_len=20))
     tokenizer = run["tokenizer"]
     model = Transformer.from_config(cfg.model, tokenizer.vocab_size, tokenizer.vocab_size, PAD_ID)
     ckpt = tmp_path / "ckpt.pt"
@@ -249,7 +249,7 @@ def test_bad_inputs_and_occupied_outputs_are_one_line_errors(run, tmp_path):
     text.write_text("not a checkpoint\n")
     with pytest.raises(SystemExit) as exit:
         export.main(["--checkpoint", str(text), "--format", "hf", "--output", str(tmp_path / "out")])
-    one_line_error(exit, str(text), "not a readable checkpoint")
+    one_line_error(exit, str(text))
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
