@@ -237,12 +237,12 @@ def test_a_stop_signal_saves_the_step_reached_and_resume_finishes(signum, refere
     # The signal reaches this very process in the middle of step 3's forward pass.
     forward, steps = TranslationLoss.forward, []
 
-    def signal_at_step_3(self, src, tgt_in, tgt_out):
+    def signal_at_step_3(self, *batch):
         if self.training:
             steps.append(1)
             if len(steps) == 3:
                 os.kill(os.getpid(), signum)
-        return forward(self, src, tgt_in, tgt_out)
+        return forward(self, *batch)
 
     monkeypatch.setattr(TranslationLoss, "forward", signal_at_step_3)
     ov = overrides(corpus, tmp_path, train_save_every=1000)  # no periodic checkpoints
@@ -268,8 +268,8 @@ def test_non_finite_losses_skip_the_update_and_too_many_stop_the_run(corpus, tmp
     forward = TranslationLoss.forward
     calls, snapshot = [], {}
 
-    def nan_after_two_steps(self, src, tgt_in, tgt_out):
-        loss = forward(self, src, tgt_in, tgt_out)
+    def nan_after_two_steps(self, *batch):
+        loss = forward(self, *batch)
         if not self.training:
             return loss
         calls.append(self)
@@ -291,8 +291,8 @@ def test_isolated_non_finite_losses_are_skipped_and_the_run_goes_on(corpus, tmp_
     forward = TranslationLoss.forward
     calls = []
 
-    def nan_every_other_step(self, src, tgt_in, tgt_out):
-        loss = forward(self, src, tgt_in, tgt_out)
+    def nan_every_other_step(self, *batch):
+        loss = forward(self, *batch)
         if self.training:
             calls.append(1)
             if len(calls) % 2 == 1:  # steps 1, 3, 5

@@ -11,7 +11,7 @@ import torch
 from .checkpoint import CheckpointError, LoadedModel, load_model
 from .config import DecodeConfig
 from .quantize import quantize_int8
-from .runtime import PRECISION_DTYPES, bound_onednn_caches, keep_freed_memory, resolve_device, resolve_precision
+from .runtime import PRECISION_DTYPES, resolve_device, resolve_precision, tune_process_for
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, batch_tokens: bool = True) -> None:
@@ -34,7 +34,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_tokens: bool = Tr
 
 
 def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
-    """Check the shared arguments (a usage error otherwise), set up logging and the allocator.
+    """Check the shared arguments (a usage error otherwise), set up logging and, on the CPU, the allocator.
 
     Returns:
         The device to run on.
@@ -47,13 +47,13 @@ def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.
         parser.error("--alpha must be >= 0")
     if args.engine == "ctranslate2" and len(args.checkpoint) > 1:
         parser.error("--engine ctranslate2 takes one exported folder (average checkpoints before exporting)")
-    keep_freed_memory()
-    bound_onednn_caches()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        return resolve_device(args.device)
+        device = resolve_device(args.device)
     except ValueError as e:
         parser.error(str(e))
+    tune_process_for(device)
+    return device
 
 
 def decode_settings(decode: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:

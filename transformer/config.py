@@ -100,6 +100,7 @@ class TrainConfig:
     label_smoothing: float = 0.1  # epsilon_ls of label smoothing
     clip_norm: float = 0.0  # clip the gradient's global norm to this; 0 = no clipping
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (fp16 only on CUDA) | "auto" (bf16 where native, else fp32)
+    tf32: bool = True  # CUDA only: float32 matmuls and convolutions on TensorFloat-32 tensor cores (Ampere and newer)
     log_every: int = 50  # steps between training log lines
     eval_every: int = 1000  # steps between validations
     eval_bleu_sentences: int = 500  # validation sentences decoded for BLEU (0 = skip BLEU)

@@ -328,6 +328,9 @@ class BatchSampler:
 class Batch:
     """Padded tensors for one batch; ``PAD_ID`` fills the padding.
 
+    The positions of the real tokens are computed here, on the host, so that the model's token
+    packing and the loss's label selection never read a device tensor to find them.
+
     Attributes:
         src: (B, S) source ids, each row ending with EOS.
         tgt_in: (B, T) decoder input, BOS followed by the target tokens.
@@ -335,6 +338,9 @@ class Batch:
         n_src_tokens: non-pad tokens in ``src``.
         n_tgt_tokens: non-pad tokens in ``tgt_out`` (the number of predicted labels).
         indices: the example index of each row in its :class:`ParallelData`.
+        src_index: (n_src_tokens,) positions of the real source tokens in the flattened (B * S)
+            ``src``, in order; None when no row is padded.
+        tgt_index: (n_tgt_tokens,) positions of the labels in the flattened (B * T) ``tgt_out``.
     """
 
     src: torch.Tensor
@@ -343,16 +349,28 @@ class Batch:
     n_src_tokens: int
     n_tgt_tokens: int
     indices: list[int] = field(default_factory=list)
+    src_index: torch.Tensor | None = None
+    tgt_index: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        """Return a copy with the tensors on ``device``."""
+        """Return a copy with the tensors on ``device``.
+
+        For a GPU the tensors are first put in pinned host memory, so that the copies run
+        asynchronously and the host can prepare the next batch while the GPU computes.
+        """
+        device = torch.device(device)
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            if device.type == "cuda" and t.device.type == "cpu":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+
         return Batch(
-            src=self.src.to(device, non_blocking=True),
-            tgt_in=self.tgt_in.to(device, non_blocking=True),
-            tgt_out=self.tgt_out.to(device, non_blocking=True),
-            n_src_tokens=self.n_src_tokens,
-            n_tgt_tokens=self.n_tgt_tokens,
-            indices=self.indices,
+            src=move(self.src), tgt_in=move(self.tgt_in), tgt_out=move(self.tgt_out),
+            n_src_tokens=self.n_src_tokens, n_tgt_tokens=self.n_tgt_tokens, indices=self.indices,
+            src_index=move(self.src_index), tgt_index=move(self.tgt_index),
         )
 
 
@@ -362,6 +380,12 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
+
+
+def _real_positions(lengths: list[int], width: int) -> torch.Tensor:
+    """(N,) positions of the real tokens of right-padded rows in the flattened (B * width) batch, in order."""
+    real = torch.arange(width) < torch.tensor(lengths).unsqueeze(1)  # (B, width)
+    return real.flatten().nonzero().squeeze(1)
 
 
 def collate(indices: Sequence[int], data: ParallelData) -> Batch:
@@ -378,11 +402,15 @@ def collate(indices: Sequence[int], data: ParallelData) -> Batch:
         raise ValueError("cannot collate an empty batch")
     src = [data.src[i] for i in indices]
     tgt = [data.tgt[i] for i in indices]
+    src_lengths, tgt_lengths = [len(s) for s in src], [len(t) + 1 for t in tgt]
+    src_width, tgt_width = max(src_lengths), max(tgt_lengths)
     return Batch(
         src=_pad(src),
         tgt_in=_pad([[BOS_ID] + t for t in tgt]),
         tgt_out=_pad([t + [EOS_ID] for t in tgt]),
-        n_src_tokens=sum(len(s) for s in src),
-        n_tgt_tokens=sum(len(t) + 1 for t in tgt),
+        n_src_tokens=sum(src_lengths),
+        n_tgt_tokens=sum(tgt_lengths),
         indices=list(indices),
+        src_index=None if min(src_lengths) == src_width else _real_positions(src_lengths, src_width),
+        tgt_index=_real_positions(tgt_lengths, tgt_width),
     )

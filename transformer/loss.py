@@ -6,8 +6,14 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .model import Transformer
+from .model import TokenLayout, Transformer
 from .tokenizer import PAD_ID
+
+
+def rows_found_on_host(device: torch.device) -> bool:
+    """Whether the loss may find its rare underflowed rows with `nonzero`: on the CPU, where that
+    is free; a GPU would have to stop and report them to the host, so there they are fixed in place."""
+    return device.type == "cpu"
 
 
 class _LabelSmoothedCrossEntropy(torch.autograd.Function):
@@ -29,10 +35,18 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
         nll = target_prob.log().neg_()  # -log p_y, read off the softmax: no pass over the row
         # Below the normal range (a target logit ~87 or more under the row's largest in float32),
         # p_y has lost precision or underflowed to 0: those rows take lse - z_y from the logits.
-        # (On a GPU, nonzero waits for the device; training reads the loss every step anyway.)
-        lost = (target_prob < torch.finfo(probs.dtype).tiny).nonzero().squeeze(1)
-        if lost.numel():
-            nll[lost] = torch.logsumexp(logits[lost], dim=1) - target_logit[lost]
+        lost = target_prob < torch.finfo(probs.dtype).tiny
+        if rows_found_on_host(logits.device):
+            # Recompute just the rare rows: finding them costs nothing here.
+            rows = lost.nonzero().squeeze(1)
+            if rows.numel():
+                nll[rows] = torch.logsumexp(logits[rows], dim=1) - target_logit[rows]
+        else:
+            # Finding the rows would wait for the device. lse = z_max - log p_max instead, where
+            # p_max >= 1/V cannot underflow: one max pass over the probabilities, no exponential.
+            p_max, argmax = probs.max(dim=1)
+            lse = logits.gather(1, argmax.unsqueeze(1)).squeeze(1) - p_max.log()
+            nll = torch.where(lost, lse - target_logit, nll)
         loss = (nll + smoothing * (target_logit - logits.mean(dim=1))).sum()
         ctx.save_for_backward(probs, target)
         ctx.smoothing = smoothing
@@ -83,10 +97,25 @@ class TranslationLoss(nn.Module):
         self.model = model
         self.label_smoothing = label_smoothing
 
-    def forward(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor) -> Tensor:
-        """src (B, S), tgt_in (B, T), tgt_out (B, T) -> summed loss (scalar, float32)."""
-        memory = self.model.encode(src)
+    def forward(
+        self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, src_index: Tensor | None = None,
+        tgt_index: Tensor | None = None,
+    ) -> Tensor:
+        """Args:
+            src: (B, S) source ids; tgt_in, tgt_out: (B, T) decoder inputs and labels.
+            src_index: optional (N_src,) positions of the real source tokens in the flattened
+                (B * S) `src` (None: found from `src` if it has padding).
+            tgt_index: optional (N,) positions of the labels in the flattened (B * T) `tgt_out`
+                (None: found from `tgt_out`). Given, as `data.Batch` carries them, nothing here
+                reads a device tensor on the host, so a GPU never waits for it.
+
+        Returns:
+            the summed loss (scalar, float32).
+        """
+        layout = None if src_index is None else TokenLayout(src_index, src.size(0), src.size(1))
+        memory = self.model.encode(src, layout)
         hidden = self.model.decode_hidden(tgt_in, memory, self.model.padding_mask(src))  # (B, T, D)
-        real = tgt_out.ne(PAD_ID)
-        logits = self.model.project(hidden[real])  # (N, V) for the N real target tokens
-        return label_smoothed_cross_entropy(logits, tgt_out[real], self.label_smoothing)
+        if tgt_index is None:
+            tgt_index = tgt_out.ne(PAD_ID).flatten().nonzero().squeeze(1)
+        logits = self.model.project(hidden.flatten(0, 1).index_select(0, tgt_index))  # (N, V), N real targets
+        return label_smoothed_cross_entropy(logits, tgt_out.flatten().index_select(0, tgt_index), self.label_smoothing)

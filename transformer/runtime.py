@@ -1,4 +1,4 @@
-"""Process-wide settings that make CPU training and decoding fast."""
+"""Devices and process-wide settings: device and precision choice, CPU allocator and kernel caches, TF32."""
 
 from __future__ import annotations
 
@@ -61,26 +61,72 @@ def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
         os.environ.setdefault(name, str(capacity))
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
     """Turn a device name into a usable device.
 
     "auto" picks CUDA when available (GPU `local_rank`, the rank's GPU under torchrun), else the
-    CPU; "cuda" means GPU `local_rank`.
+    CPU; "cuda" means GPU `local_rank`. An explicit "cuda:N" names one GPU, so it is refused for a
+    run of several ranks, which would all land on it.
 
     Raises:
-        ValueError: for a malformed name or a CUDA device on a machine without one.
+        ValueError: for a malformed name, a CUDA device on a machine without one, a GPU index past
+            the machine's GPUs, or "cuda:N" with `world_size` > 1.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    explicit = name.startswith("cuda:")
     if name == "cuda":
         name = f"cuda:{local_rank}"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if explicit and world_size > 1:
+        raise ValueError(f"{name!r} would put all {world_size} ranks on one GPU; use 'cuda' or 'auto', "
+                         "which give each rank the GPU of its LOCAL_RANK")
+    count = torch.cuda.device_count()
+    if device.index >= count:
+        who = f"{name!r}" if explicit else f"LOCAL_RANK {local_rank} (device {name!r})"
+        raise ValueError(f"{who} asks for GPU {device.index}, but this machine has {count} (cuda:0 .. cuda:{count - 1})")
     return device
+
+
+def tune_process_for(device: torch.device) -> bool:
+    """Apply the CPU-only process settings (`keep_freed_memory`, `bound_onednn_caches`) for a CPU run.
+
+    A GPU run keeps the allocator's and oneDNN's defaults: its activations live in the CUDA
+    caching allocator, and a heap kept at its peak would only hold host memory for nothing.
+
+    Returns:
+        True if the settings were applied (`device` is the CPU).
+    """
+    if device.type != "cpu":
+        return False
+    keep_freed_memory()
+    bound_onednn_caches()
+    return True
+
+
+def use_tf32(device: torch.device, enabled: bool) -> bool:
+    """Let float32 matrix products and convolutions on a CUDA device use TensorFloat-32 tensor cores.
+
+    TF32 keeps float32's range with a 10-bit mantissa in the products (sums stay float32); on
+    Ampere and newer GPUs it runs fp32 training several times faster, and it is what the CUDA
+    libraries' own recipes train with. Process-wide, so it is set only for CUDA runs: the CPU's
+    float32 products stay full precision.
+
+    Returns:
+        Whether TF32 is now on for CUDA (False for a non-CUDA device, where nothing is changed).
+    """
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return enabled
 
 
 # The dtype each resolved precision computes in (fp16 is only used through autocast, on CUDA).
@@ -90,11 +136,14 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def has_native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bfloat16 matrices in hardware, so that bf16 is a speed-up there.
 
-    True for a CUDA GPU that supports bf16 and for a CPU with AVX512-BF16 or AMX; on other CPUs
-    PyTorch emulates bf16 matrix products, many times slower than float32.
+    True for a CUDA GPU of compute capability 8.0 or higher (Ampere and newer: bf16 tensor cores
+    and fused attention kernels) and for a CPU with AVX512-BF16 or AMX. Older GPUs (T4, V100) run
+    bf16 emulated, and `torch.cuda.is_bf16_supported()` counts that emulation as support, so the
+    capability of the GPU asked for is checked instead. On other CPUs PyTorch emulates bf16 matrix
+    products, many times slower than float32.
     """
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type != "cpu":
         return False
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))

@@ -39,7 +39,7 @@ from .loss import TranslationLoss
 from .model import Transformer
 from .plot import plot_metrics
 from .run_lock import RunLock, RunLockedError
-from .runtime import bound_onednn_caches, keep_freed_memory, resolve_device, resolve_precision
+from .runtime import resolve_device, resolve_precision, tune_process_for, use_tf32
 from .schedule import cooldown_factor, noam_lr
 from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers, load_or_train_tokenizers
 from .translator import translate
@@ -117,43 +117,54 @@ def prepare_data(cfg: Config, run_dir: Path, resume_state: dict | None) -> tuple
 def validate(
     cfg: Config, model: Transformer, loss_fn: TranslationLoss, valid: ParallelData,
     valid_text: tuple[list[str], list[str]], src_tok: Tokenizer, tgt_tok: Tokenizer, device: torch.device,
+    ranks: Ranks | None = None,
 ) -> dict[str, float]:
-    """Validation loss and perplexity on the whole split, and greedy BLEU on its first sentences."""
+    """Validation loss and perplexity on the whole split, and greedy BLEU on its first sentences.
+
+    Under data parallelism every rank takes its share of the batches and of the BLEU sentences,
+    and every rank returns the same result: no rank waits in a collective while another
+    validates alone, and the work is spread.
+    """
+    ranks = ranks or Ranks()
     model.eval()
-    total, tokens = 0.0, 0
-    for indices in make_batches(valid.src_lens, valid.tgt_lens, cfg.train.max_tokens):
+    total, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+    for indices in make_batches(valid.src_lens, valid.tgt_lens, cfg.train.max_tokens)[ranks.rank::ranks.world_size]:
         batch = collate(indices, valid).to(device)
         with autocast(cfg.train.precision, device):
-            total += loss_fn(batch.src, batch.tgt_in, batch.tgt_out).item()
+            total += loss_fn(batch.src, batch.tgt_in, batch.tgt_out, batch.src_index, batch.tgt_index).double()
         tokens += batch.n_tgt_tokens
+    total, tokens = ranks.sum_on_device(torch.stack([total, torch.tensor(float(tokens), dtype=torch.float64, device=device)]))
     result = {"valid_loss": total / tokens, "valid_ppl": math.exp(min(total / tokens, 50.0))}
     n = cfg.train.eval_bleu_sentences
     if n > 0:
         sources, references = valid_text[0][:n], valid_text[1][:n]
         with autocast(cfg.train.precision, device):
-            hypotheses = translate(
-                model, src_tok, tgt_tok, sources, beam_size=1, length_penalty=cfg.decode.length_penalty,
-                max_len_a=cfg.decode.max_len_a, max_len_b=cfg.decode.max_len_b,
-                batch_tokens=cfg.decode.batch_tokens, device=device,
+            mine = translate(
+                model, src_tok, tgt_tok, sources[ranks.rank::ranks.world_size], beam_size=1,
+                length_penalty=cfg.decode.length_penalty, max_len_a=cfg.decode.max_len_a,
+                max_len_b=cfg.decode.max_len_b, batch_tokens=cfg.decode.batch_tokens, device=device,
             )
+        hypotheses = [""] * len(sources)
+        for rank, shard in enumerate(ranks.gather_objects(mine)):
+            hypotheses[rank::ranks.world_size] = shard
         result["valid_bleu"] = sacrebleu.corpus_bleu(hypotheses, [references]).score
     model.train()
     return result
 
 
-def rng_states(world_size: int) -> list[dict[str, Tensor]]:
-    """The random number generator states of every rank, in rank order (a collective under DDP)."""
+def rng_states(device: torch.device, ranks: Ranks | None = None) -> list[dict[str, Tensor]]:
+    """The random number generator states of every rank, in rank order (a collective under DDP).
+
+    The CUDA generator of the run's GPU is included for a CUDA run only: asking for it otherwise
+    would open a CUDA context on a GPU the run does not use.
+    """
     rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()  # this rank's GPU (train sets it as the current device)
-    if world_size == 1:
-        return [rng]
-    gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, rng)
-    return gathered
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return (ranks or Ranks()).gather_objects(rng)
 
 
-def restore_rng(states: list[dict[str, Tensor]], rank: int, world_size: int, seed: int) -> None:
+def restore_rng(states: list[dict[str, Tensor]], rank: int, world_size: int, seed: int, device: torch.device) -> None:
     """Put back this rank's generator state; reseed if the run had a different number of ranks."""
     if len(states) != world_size:
         log.warning("checkpoint has RNG states of %d ranks, this run has %d: dropout masks are reseeded, "
@@ -161,8 +172,8 @@ def restore_rng(states: list[dict[str, Tensor]], rank: int, world_size: int, see
         torch.manual_seed(seed + rank)
         return
     torch.set_rng_state(states[rank]["torch"])
-    if "cuda" in states[rank] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states[rank]["cuda"])
+    if "cuda" in states[rank] and device.type == "cuda":
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
 
 
 def checkpoint_state(
@@ -268,15 +279,108 @@ def claim_run_folder(run_dir: Path, run_log: RunLog, skipped: list[tuple[Path, s
         log.warning("renamed %s to %s.unreadable (%s)", path, path.name, reason)
 
 
-def _reduce(value: float, world_size: int, op: dist.ReduceOp = dist.ReduceOp.SUM) -> float:
-    """All-reduce one number across data-parallel ranks (a no-op for a single process)."""
+class Ranks:
+    """This process's place among the data-parallel ranks, and the collectives the loop needs.
+
+    A single process (`world_size` 1) makes every collective the identity. Numbers the host holds
+    (token counts, stop flags, the time budget, pickled objects) go through `host_group`, a gloo
+    group on the CPU, so that reducing them never waits for the GPU; numbers computed on the
+    device are reduced there, packed into one tensor per step.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1, host_group: Any = None) -> None:
+        self.rank, self.world_size, self.host_group = rank, world_size, host_group
+
+    def reduce_host(self, values: Sequence[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
+        """All-reduce host numbers with `op` (float64, on the CPU)."""
+        if self.world_size == 1:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor, op=op, group=self.host_group)
+        return tensor.tolist()
+
+    def sum_on_device(self, values: Tensor) -> list[float]:
+        """Sum a (K,) device tensor over ranks and read it on the host: one collective, one read."""
+        if self.world_size > 1:
+            dist.all_reduce(values)
+        return values.tolist()
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self.host_group)
+        return gathered
+
+
+def init_ranks(device: torch.device, rank: int, world_size: int) -> Ranks:
+    """Join the process group of a `torchrun` launch (NCCL for GPUs, gloo for CPUs) on `device`.
+
+    The rank's GPU becomes the current device before NCCL starts, and NCCL is bound to it
+    (`device_id`), so that no rank creates its communicator or a context on another rank's GPU.
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world_size == 1:
-        return value
-    # NCCL reduces only GPU tensors: use this rank's GPU there, the CPU under gloo.
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op)
-    return tensor.item()
+        return Ranks()
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    host_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
+    return Ranks(rank, world_size, host_group)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """The loss scaler fp16 needs (None for fp32 and bf16, whose range needs none)."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, clip_norm: float,
+    loss_sum: Tensor, ranks: Ranks,
+) -> tuple[bool, float]:
+    """Clip the gradients, agree across ranks whether the step is finite, and update if it is.
+
+    The summed loss and the gradient norm are packed into one tensor, summed over ranks and read
+    on the host: the step's one collective and its one wait for the device. A non-finite value on
+    any rank makes the sums non-finite on every rank, so all ranks take the same branch. With a
+    `scaler`, gradients that overflowed are the scaler's business (it skips the update itself and
+    lowers the scale); a non-finite loss skips `scaler.step`, and `scaler.update()` runs after
+    every `unscale_()`, so the next step's `unscale_()` is allowed.
+
+    Args:
+        loss_sum: () float64 on the device, this rank's summed loss over the step's batches.
+
+    Returns:
+        Whether the step was finite (updated, or left to the scaler), and the loss summed over ranks.
+    """
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm if clip_norm > 0 else float("inf"))
+    loss_total, norm_total = ranks.sum_on_device(torch.stack([loss_sum, grad_norm.to(torch.float64)]))
+    finite = math.isfinite(loss_total) and (scaler is not None or math.isfinite(norm_total))
+    if scaler is not None:
+        if finite:
+            scaler.step(optimizer)
+        scaler.update()
+    elif finite:
+        optimizer.step()
+    return finite, loss_total
+
+
+def run_device(tc: TrainConfig) -> torch.device:
+    """The device of this process: `train.device` for the rank `torchrun` gave it (LOCAL_RANK, WORLD_SIZE).
+
+    Raises:
+        ConfigError: a device this machine does not have, or one GPU named for several ranks.
+    """
+    try:
+        return resolve_device(tc.device, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as e:
+        raise ConfigError(f"train.device: {e}") from None
 
 
 def _final_of_step(final: Path, step: int) -> bool:
@@ -346,14 +450,9 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
     tc = cfg.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    try:
-        device = resolve_device(tc.device, int(os.environ.get("LOCAL_RANK", "0")))
-    except ValueError as e:
-        raise ConfigError(f"train.device: {e}") from None
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = run_device(tc)
+    ranks = init_ranks(device, rank, world_size)
+    use_tf32(device, tc.tf32)
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     if tc.keep_last < tc.average_last:
@@ -402,14 +501,18 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
     loss_fn = TranslationLoss(model, tc.label_smoothing)
     trainer: nn.Module = loss_fn
     if world_size > 1:
-        trainer = nn.parallel.DistributedDataParallel(loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
+        # No buffer broadcast: the only buffer, the sinusoidal table, is a function of its size, and
+        # a broadcast at every forward would cost time and fail once one rank had grown its table.
+        trainer = nn.parallel.DistributedDataParallel(
+            loss_fn, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        )
     # fused: one kernel over all parameters, several times faster on the CPU than the default
     # (foreach) step.
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=tc.weight_decay,
         fused=True,
     )
-    scaler = torch.amp.GradScaler("cuda") if tc.precision == "fp16" else None
+    scaler = grad_scaler(tc.precision, device)
     position = Position()
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
@@ -417,7 +520,7 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
         if scaler is not None and resume_state.get("scaler"):
             scaler.load_state_dict(resume_state["scaler"])
         position = Position(**resume_state["position"])
-        restore_rng(resume_state["rng"], rank, world_size, tc.seed)
+        restore_rng(resume_state["rng"], rank, world_size, tc.seed, device)
     else:
         torch.manual_seed(tc.seed + rank)  # same initial weights everywhere, own dropout masks per rank
 
@@ -443,7 +546,7 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
 
     def save(path_kind: str = "step") -> None:
         check_lock()
-        rng = rng_states(world_size)  # every rank takes part in gathering the states
+        rng = rng_states(device, ranks)  # every rank takes part in gathering the states
         if is_main:
             state = checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok, rng)
             path = save_step(run_dir, state, tc.keep_last)
@@ -460,35 +563,29 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
                     epoch_batches = sampler.epoch_batches(position.epoch)
                 micro.append(collate(epoch_batches[position.batch], train_data).to(device))
                 position.batch += 1
-            step_tokens = _reduce(sum(b.n_tgt_tokens for b in micro), world_size)
+            # Host numbers only: token counts come from the host's batches, never from the device.
+            step_tokens, all_tokens = ranks.reduce_host(
+                [sum(b.n_tgt_tokens for b in micro), sum(b.n_src_tokens + b.n_tgt_tokens for b in micro)])
             lr = noam_lr(position.step + 1, cfg.model.d_model, tc.warmup_steps, tc.lr_scale)
             if tc.cooldown:
                 # Ranks may disagree on elapsed time; they must agree on the learning rate.
-                used = _reduce(budget_used(tc, position, len(epoch_batches)), world_size, dist.ReduceOp.MAX)
+                used = ranks.reduce_host([budget_used(tc, position, len(epoch_batches))], dist.ReduceOp.MAX)[0]
                 lr *= cooldown_factor(used, tc.cooldown)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = 0.0
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # stays on the device
             for i, batch in enumerate(micro):
                 sync = contextlib.nullcontext() if world_size == 1 or i == len(micro) - 1 else trainer.no_sync()
                 with sync:
                     with autocast(tc.precision, device):
-                        loss = trainer(batch.src, batch.tgt_in, batch.tgt_out)
+                        loss = trainer(batch.src, batch.tgt_in, batch.tgt_out, batch.src_index, batch.tgt_index)
                     # DDP averages gradients over ranks; scaling by world_size makes the result the
                     # gradient of the global loss sum divided by the global token count.
                     scaled = loss * (world_size / step_tokens)
                     (scaled if scaler is None else scaler.scale(scaled)).backward()
-                step_loss += loss.item()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm if tc.clip_norm > 0 else float("inf"))
-            finite = math.isfinite(step_loss) and (scaler is not None or math.isfinite(grad_norm.item()))
+                loss_sum += loss.detach().double()
+            finite, step_loss = optimizer_step(model, optimizer, scaler, tc.clip_norm, loss_sum, ranks)
             if finite:
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
                 position.nonfinite = 0
             else:
                 position.nonfinite += 1
@@ -502,8 +599,8 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
             bar.update(1)
 
             # ---- logging ----
-            window_tokens += _reduce(sum(b.n_src_tokens + b.n_tgt_tokens for b in micro), world_size)
-            window_loss += _reduce(step_loss, world_size) / step_tokens if finite else 0.0
+            window_tokens += all_tokens
+            window_loss += step_loss / step_tokens if finite else 0.0
             if position.step % tc.log_every == 0:
                 seconds = time.perf_counter() - window_start
                 row = {"step": position.step, "epoch": position.epoch, "loss": window_loss / tc.log_every, "lr": lr,
@@ -521,25 +618,26 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
             should_stop, reason = limit is not None, limit or reason
             if stop.signal is not None:
                 should_stop, reason = True, f"signal {signal.Signals(stop.signal).name}"
-            should_stop = bool(_reduce(float(should_stop), world_size, dist.ReduceOp.MAX))
+            should_stop = bool(ranks.reduce_host([float(should_stop)], dist.ReduceOp.MAX)[0])
 
             if position.step % tc.eval_every == 0 or should_stop:
+                # Every rank validates its share and gets the same result, so all take the same decisions.
+                result = validate(cfg, model, loss_fn, valid, valid_text, src_tok, tgt_tok, device, ranks)
+                check_lock()  # validation takes a while: the lock may have gone meanwhile
+                metrics.write(step=position.step, minutes=position.elapsed / 60, **result)
                 if is_main:
-                    result = validate(cfg, model, loss_fn, valid, valid_text, src_tok, tgt_tok, device)
-                    check_lock()  # validation takes a while: the lock may have gone meanwhile
-                    metrics.write(step=position.step, minutes=position.elapsed / 60, **result)
                     log.info("step %d validation: %s", position.step, ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
-                    bleu = result.get("valid_bleu", -result["valid_loss"])
-                    if bleu > position.best_bleu:
-                        position.best_bleu, position.bad_evals = bleu, 0
+                bleu = result.get("valid_bleu", -result["valid_loss"])
+                if bleu > position.best_bleu:
+                    position.best_bleu, position.bad_evals = bleu, 0
+                    if is_main:
                         save_checkpoint(checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok,
-                                                         rng_states(1)),
+                                                         rng_states(device)),
                                         run_dir / "checkpoints" / "best.pt")
-                    else:
-                        position.bad_evals += 1
-                    if tc.patience and position.bad_evals >= tc.patience:
-                        should_stop, reason = True, f"no better validation BLEU in {tc.patience} validations"
-                should_stop = bool(_reduce(float(should_stop), world_size, dist.ReduceOp.MAX))
+                else:
+                    position.bad_evals += 1
+                if tc.patience and position.bad_evals >= tc.patience:
+                    should_stop, reason = True, f"no better validation BLEU in {tc.patience} validations"
                 segment_start, elapsed_before = time.perf_counter(), position.elapsed  # validation time is not training time
             if position.step % tc.save_every == 0 or should_stop:
                 save()
@@ -566,11 +664,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its latest checkpoint")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=200")
     args = parser.parse_args(argv)
-    keep_freed_memory()
-    bound_onednn_caches()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
+        # Before the first bf16 matmul, which is when oneDNN reads its cache settings.
+        tune_process_for(run_device(cfg.train))
         train(cfg, resume=args.resume)
     # OSError: a WriteError, or a run folder that cannot be created (a file in its way, no permission).
     except (ConfigError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:

@@ -36,15 +36,19 @@ class Encoder(nn.Module):
         )
         self.norm = nn.LayerNorm(d_model) if norm_first else None
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, key_padding_mask: Tensor | None = None, layout: TokenLayout | None = None
+    ) -> Tensor:
         """(B, S, D) -> (B, S, D); `key_padding_mask` (B, S) bool, True marks padding.
 
         With padding, the layers run on the real tokens only (see `TokenLayout`), and the output is
-        zero at padding positions.
+        zero at padding positions. The layout is found from the mask, which reads the mask on the
+        host (a wait for a GPU), unless the caller gives it: `layout`, the real tokens of this
+        mask, as training's batches carry it from the host.
         """
-        layout = None
-        if key_padding_mask is not None and bool(key_padding_mask.any()):
+        if layout is None and key_padding_mask is not None and bool(key_padding_mask.any()):
             layout = TokenLayout.from_padding_mask(key_padding_mask)
+        if layout is not None:
             x = layout.pack(x)
         for layer in self.layers:
             x = layer(x, key_padding_mask, layout)
@@ -199,16 +203,18 @@ class Transformer(nn.Module):
         x = embedding(tokens) * math.sqrt(self.d_model) + self.positions(tokens.size(1), offset)
         return self.dropout(x)
 
-    def encode(self, src: Tensor) -> Tensor:
+    def encode(self, src: Tensor, layout: TokenLayout | None = None) -> Tensor:
         """Run the encoder.
 
         Args:
             src: (B, S) source token ids, padded with `pad_id`.
+            layout: optional, where the real (non-pad) tokens of `src` are, if known without reading
+                `src` (see `Encoder.forward`); None finds them from `src`.
 
         Returns:
             memory (B, S, D), zero at padding. Pass `padding_mask(src)` along with it to `decode`.
         """
-        return self.encoder(self._embed(self.src_embed, src), self.padding_mask(src))
+        return self.encoder(self._embed(self.src_embed, src), self.padding_mask(src), layout)
 
     def decode_hidden(
         self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Tensor | None = None,
