@@ -122,13 +122,19 @@ def top_k(x: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
     return values, torch.where(position < k * block, in_blocks, position - k * block + whole)
 
 
+def _never_generated(model: Transformer, bos_id: int, device: torch.device) -> Tensor:
+    """(2,) the ids no search generates, padding and BOS, built once per search on its device: an
+    index made from a Python list at every step would be a host-to-device copy at every step."""
+    return torch.tensor([model.pad_id, bos_id], device=device)
+
+
 def _best_next_tokens(
     model: Transformer, prefix: Tensor, memory: Tensor, src_mask: Tensor, cache: DecoderCache | None,
-    forced_eos: Tensor, bos_id: int, eos_id: int, k: int, normalise: bool = True,
+    forced_eos: Tensor | None, never: Tensor, eos_id: int, k: int, normalise: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The k most probable next tokens after each prefix, under the search's token constraints.
 
-    Padding and BOS are never allowed, and rows in `forced_eos` allow only EOS (their other
+    The tokens in `never` are never allowed, and rows in `forced_eos` allow only EOS (their other
     entries are -inf). Log-probabilities are the model's own, log_softmax over all logits, not
     renormalised after the constraints; they are computed in float32, or in the model's dtype if
     wider.
@@ -140,7 +146,9 @@ def _best_next_tokens(
         src_mask: (R', S) True at source padding.
         cache: a `DecoderCache` holding positions 0 .. t-2 (only the last token is fed), or None to
             decode the whole prefix.
-        forced_eos: (R,) bool, rows at their maximum length, for which only EOS is allowed.
+        forced_eos: (R,) bool, rows at their maximum length, for which only EOS is allowed; None
+            when the caller knows that no row is (most steps), which spares finding them.
+        never: (2,) from `_never_generated`.
         k: tokens wanted per row; min(k, V) are returned.
         normalise: False skips the softmax normalisation and returns constrained logits instead of
             log-probabilities (enough to rank the tokens of one row, as greedy search does).
@@ -158,8 +166,8 @@ def _best_next_tokens(
         scores = logits.log_softmax(dim=-1, dtype=dtype)
     else:
         scores = logits.to(dtype)
-    scores[:, [model.pad_id, bos_id]] = -math.inf
-    if forced_eos.any():  # rare: only rows at their length limit, so touch just those rows
+    scores.index_fill_(1, never, -math.inf)
+    if forced_eos is not None:  # rare: only rows at their length limit, so touch just those rows
         rows = forced_eos.nonzero().squeeze(1)
         eos = scores[rows, eos_id]
         scores[rows] = -math.inf
@@ -188,13 +196,16 @@ def greedy_search(
     _check_lengths(max_len_a, max_len_b)
     memory, src_mask = model.encode(src), model.padding_mask(src)
     max_lengths = _max_output_lengths(model, src_mask, max_len_a, max_len_b)
+    limits = max_lengths.tolist()  # on the host too: which steps force an EOS is known without a device read
+    never = _never_generated(model, bos_id, src.device)
     sentences = list(range(src.size(0)))  # original index of each active row
     prefix = torch.full((src.size(0), 1), bos_id, dtype=torch.long, device=src.device)
     cache = model.new_cache() if use_cache else None
     outputs: list[list[int]] = [[] for _ in range(src.size(0))]
     step = 0
     while sentences:
-        _, best = _best_next_tokens(model, prefix, memory, src_mask, cache, max_lengths == step, bos_id, eos_id, k=1,
+        forced_eos = max_lengths == step if step in limits else None
+        _, best = _best_next_tokens(model, prefix, memory, src_mask, cache, forced_eos, never, eos_id, k=1,
                                     normalise=False)
         prefix = torch.cat([prefix, best], dim=1)
         finished = prefix[:, -1] == eos_id
@@ -202,7 +213,8 @@ def greedy_search(
             for i, row in zip(finished.nonzero().squeeze(1).tolist(), prefix[finished, 1:-1].tolist()):
                 outputs[sentences[i]] = row
             keep = (~finished).nonzero().squeeze(1)
-            sentences = [sentences[i] for i in keep.tolist()]
+            kept = keep.tolist()
+            sentences, limits = [sentences[i] for i in kept], [limits[i] for i in kept]
             prefix, max_lengths = prefix[keep], max_lengths[keep]
             memory, src_mask = memory.index_select(0, keep), src_mask.index_select(0, keep)
             if cache is not None:
@@ -258,6 +270,8 @@ def beam_search(
     K, device = beam_size, src.device
     memory, src_mask = model.encode(src), model.padding_mask(src)
     max_lengths = _max_output_lengths(model, src_mask, max_len_a, max_len_b)
+    limits = max_lengths.tolist()  # on the host too: which steps force an EOS is known without a device read
+    never = _never_generated(model, bos_id, device)
     # K rows per sentence, adjacent: row n * K + k is hypothesis k of sentence n. The K rows share
     # the sentence's one row of `memory` (see `MultiHeadAttention`), which is never repeated.
     sentences = list(range(src.size(0)))  # original index of each active sentence
@@ -268,8 +282,9 @@ def beam_search(
     scores = torch.full((src.size(0), K), -math.inf, dtype=dtype, device=device)
     scores[:, 0] = 0.0
     n_finished = torch.zeros(src.size(0), dtype=torch.long, device=device)
-    # The n_best-th best finished score per active sentence (-inf while fewer have finished).
-    threshold = torch.full((src.size(0),), -math.inf, dtype=dtype, device=device)
+    # The n_best best finished scores per active sentence, best first (-inf while fewer have
+    # finished), kept on the device so that the stopping test needs no host read.
+    best_finished = torch.full((src.size(0), n_best), -math.inf, dtype=dtype, device=device)
     cache = model.new_cache() if use_cache else None
     finished: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
     step = 0
@@ -278,10 +293,10 @@ def beam_search(
         # At the first step the K rows of a sentence are the same BOS prefix: decode one of them
         # and give its result to all K (only the first can extend it, by its score).
         g = K if step == 0 else 1  # rows per decoded row
-        forced_eos = (max_lengths == step).repeat_interleave(K // g)
+        forced_eos = (max_lengths == step).repeat_interleave(K // g) if step in limits else None
         # The best 2K of a sentence's K * V extensions are among the best 2K of each row, so rank
         # only those: (N * K, W) per row, then (N, K * W) per sentence, W = min(2K, V).
-        row_log_probs, row_tokens = _best_next_tokens(model, prefix[::g], memory, src_mask, cache, forced_eos, bos_id,
+        row_log_probs, row_tokens = _best_next_tokens(model, prefix[::g], memory, src_mask, cache, forced_eos, never,
                                                       eos_id, k=2 * K)
         if g > 1:
             row_log_probs, row_tokens = row_log_probs.repeat_interleave(g, 0), row_tokens.repeat_interleave(g, 0)
@@ -294,33 +309,35 @@ def beam_search(
 
         new_finished = is_eos & torch.isfinite(top_scores)
         new_finished[:, K:] = False
-        if new_finished.any():
-            n_finished += new_finished.sum(dim=1)
-            normalised = top_scores / length_penalty_factor(step + 1, length_penalty)
-            n, j = new_finished.nonzero(as_tuple=True)
-            for i, row, score in zip(n.tolist(), prefix[rows[n, j], 1:].tolist(), normalised[n, j].tolist()):
-                finished[sentences[i]].append(Hypothesis(row, score))
-            for i in set(n.tolist()):
-                ranked = sorted(finished[sentences[i]], key=lambda h: -h.score)
-                if len(ranked) >= n_best:
-                    threshold[i] = ranked[n_best - 1].score
+        n_finished += new_finished.sum(dim=1)
+        normalised = top_scores / length_penalty_factor(step + 1, length_penalty)
+        best_finished = torch.cat([best_finished, normalised.masked_fill(~new_finished, -math.inf)], dim=1)
+        best_finished = best_finished.topk(n_best, dim=1).values
 
         # The K best non-EOS extensions, in rank order (a stable sort moves EOS behind them; at most
         # K of the 2K are EOS, one per beam).
         keep = is_eos.to(torch.uint8).argsort(dim=1, stable=True)[:, :K]
-        scores = top_scores.gather(1, keep)
+        next_scores = top_scores.gather(1, keep)
         beam_rows = rows.gather(1, keep).view(-1)
-        prefix = torch.cat([prefix[beam_rows], tokens.gather(1, keep).view(-1, 1)], dim=1)
+        next_prefix = torch.cat([prefix[beam_rows], tokens.gather(1, keep).view(-1, 1)], dim=1)
         cache_rows = beam_rows // g  # the decoded row each new hypothesis extends
 
-        bound = scores[:, 0] / length_penalty_factor(max_lengths + 1, length_penalty)
-        done = (n_finished >= K) | (max_lengths == step) | (bound <= threshold)
-        if done.any():
+        bound = next_scores[:, 0] / length_penalty_factor(max_lengths + 1, length_penalty)
+        done = (n_finished >= K) | (max_lengths == step) | (bound <= best_finished[:, -1])
+        # The step's one host read: did a hypothesis finish, did a sentence end.
+        any_finished, any_done = torch.stack([new_finished.any(), done.any()]).tolist()
+        if any_finished:
+            n, j = new_finished.nonzero(as_tuple=True)
+            for i, row, score in zip(n.tolist(), prefix[rows[n, j], 1:].tolist(), normalised[n, j].tolist()):
+                finished[sentences[i]].append(Hypothesis(row, score))
+        scores, prefix = next_scores, next_prefix
+        if any_done:
             active = (~done).nonzero().squeeze(1)
             active_rows = (active.unsqueeze(1) * K + torch.arange(K, device=device)).view(-1)
-            sentences = [sentences[i] for i in active.tolist()]
+            kept = active.tolist()
+            sentences, limits = [sentences[i] for i in kept], [limits[i] for i in kept]
             max_lengths, scores = max_lengths[active], scores[active]
-            threshold, n_finished = threshold[active], n_finished[active]
+            best_finished, n_finished = best_finished[active], n_finished[active]
             prefix = prefix[active_rows]
             memory, src_mask = memory.index_select(0, active), src_mask.index_select(0, active)
             if cache is not None:
