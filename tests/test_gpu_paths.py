@@ -1,0 +1,478 @@
+"""The logic of the GPU code paths, tested on the CPU: what a GPU run decides and how often it waits.
+
+No GPU runs here. Each test drives the decision a CUDA run takes with the device's answers patched
+in (compute capability, device count, a loss scaler), or counts, with a dispatch-mode counter,
+the operations that would make the host wait for a GPU:
+
+* fp16's loss scaler: a skipped step is followed by a working one, a run of them stops with a
+  one-line error, and ranks agree on skipping before they branch;
+* `auto` precision from the compute capability of the GPU asked for; device choice under torchrun;
+* CPU-only process settings, TF32 and the RNG gathering gated on the run's device;
+* host reads per training step and per search step, down to the ones left on purpose;
+* the batch's token positions, the loss's device path, and validation sharded over ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from transformer import loss as loss_module
+from transformer import runtime
+from transformer import train as train_module
+from transformer.checkpoint import load_checkpoint, run_checkpoints
+from transformer.config import load_config
+from transformer.data import ParallelData, collate
+from transformer.loss import TranslationLoss, label_smoothed_cross_entropy
+from transformer.search import Hypothesis, beam_search, greedy_search
+from transformer.tokenizer import EOS_ID, PAD_ID
+from transformer.train import Ranks, TrainingError, main, optimizer_step, train
+
+from test_search import random_model, random_source
+from test_train import CONFIG, one_line_error, overrides, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting host reads
+# ---------------------------------------------------------------------------------------------
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that make the host wait for a GPU, by kind.
+
+    `item`: a scalar read (`.item()`, `bool(t)`, `float(t)`, `int(t)`); `tolist`: a tensor read
+    into Python; `nonzero` and `masked_select`: outputs whose size depends on the data;
+    `bool_index`: indexing or assignment with a boolean mask (a `nonzero` inside); `from_host`: a
+    tensor made from Python data (`torch.tensor(...)`, a list used as an index), a copy from
+    pageable host memory on a GPU (a 0-dim one, as in `t[i] = 0.0`, is a scalar and not counted). Scalar reads are caught at the Python methods as well as at
+    aten._local_scalar_dense, since under `torch.inference_mode` they do not reach a dispatch mode.
+    """
+
+    READS = {"item": "item", "__bool__": "item", "__float__": "item", "__int__": "item", "tolist": "tolist"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+        self._methods = {name: getattr(torch.Tensor, name) for name in self.READS}
+        self._inside_read = 0
+
+    def _counted(self, name: str):
+        method, kind = self._methods[name], self.READS[name]
+
+        def read(tensor, *args, **kwargs):
+            if self._inside_read == 0:
+                self.counts[kind] += 1
+            self._inside_read += 1
+            try:
+                return method(tensor, *args, **kwargs)
+            finally:
+                self._inside_read -= 1
+
+        return read
+
+    def __enter__(self) -> "HostReads":
+        for name in self.READS:
+            setattr(torch.Tensor, name, self._counted(name))
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        for name, method in self._methods.items():
+            setattr(torch.Tensor, name, method)
+        super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense":
+            if self._inside_read == 0:
+                self.counts["item"] += 1
+        elif name in ("nonzero", "masked_select", "nonzero_static"):
+            self.counts[name] += 1
+        elif name in ("index", "index_put_", "index_put"):
+            indices = args[1] if len(args) > 1 else ()
+            if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices):
+                self.counts["bool_index"] += 1
+        elif name == "lift_fresh" and args[0].dim() > 0:  # a 0-dim one is a scalar fill, no copy
+            self.counts["from_host"] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def host_reads_per_training_step(cfg_overrides: list[str], steps: tuple[int, int] = (2, 5)) -> Counter[str]:
+    """Host reads per optimizer step of `train`, as a GPU run would take them.
+
+    Two runs of different lengths are counted and differenced, so that start-up, the final
+    validation and the checkpoints cancel out; batch collation (host work on host tensors) is not
+    counted. The loss takes its device path (`rows_found_on_host` is what a GPU answers).
+    """
+    collate_on_host = train_module.collate
+
+    def collate_uncounted(*args, **kwargs):
+        with torch.utils._python_dispatch._disable_current_modes():
+            return collate_on_host(*args, **kwargs)
+
+    totals = []
+    for n in steps:
+        mp = pytest.MonkeyPatch()
+        try:
+            mp.setattr(train_module, "collate", collate_uncounted)
+            if hasattr(loss_module, "rows_found_on_host"):
+                mp.setattr(loss_module, "rows_found_on_host", lambda device: False)
+            cfg = load_config(CONFIG, [*cfg_overrides, f"train.max_steps={n}",
+                                       f"train.output_dir={cfg_overrides_dir(cfg_overrides)}/{n}"])
+            with HostReads() as reads:
+                train(cfg)
+            totals.append(reads.counts)
+        finally:
+            mp.undo()
+    span = steps[1] - steps[0]
+    per_step = Counter()
+    for kind in set(totals[0]) | set(totals[1]):
+        difference = totals[1][kind] - totals[0][kind]
+        assert difference % span == 0, f"{kind}: {difference} reads over {span} steps is not the same every step"
+        if difference:
+            per_step[kind] = difference // span
+    return per_step
+
+
+def cfg_overrides_dir(cfg_overrides: list[str]) -> str:
+    return next(o.split("=", 1)[1] for o in cfg_overrides if o.startswith("train.output_dir="))
+
+
+def test_a_training_step_reads_the_device_once(corpus, tmp_path):
+    """The one read left: the step's summed loss and gradient norm, read together to decide the
+    update (fp32/bf16 skip a non-finite step on the host). Everything else a step needs (token
+    positions, token counts) comes from the host's batches; logging reads nothing more."""
+    for accumulate in (1, 2):
+        changes = overrides(corpus, tmp_path / f"acc{accumulate}", train_accumulate=accumulate,
+                            train_eval_every=1000, train_save_every=1000, train_eval_bleu_sentences=0,
+                            train_average_last=1, train_log_every=1, train_cooldown=0.2)
+        assert host_reads_per_training_step(changes) == Counter(tolist=1), accumulate
+
+
+# ---------------------------------------------------------------------------------------------
+# fp16's loss scaler and non-finite steps
+# ---------------------------------------------------------------------------------------------
+
+def cpu_scaler(monkeypatch, init_scale: float = 2.0**10) -> list[torch.amp.GradScaler]:
+    """Make fp32 CPU runs train through a real GradScaler (the fp16 code path); returns the scalers made."""
+    made = []
+
+    def make(precision, device):
+        made.append(torch.amp.GradScaler("cpu", init_scale=init_scale))
+        return made[-1]
+
+    monkeypatch.setattr(train_module, "grad_scaler", make)
+    return made
+
+
+def nan_losses(monkeypatch, bad_steps) -> list[int]:
+    """Training losses (not validation ones) become NaN at the 1-based calls in `bad_steps`."""
+    forward = TranslationLoss.forward
+    calls = []
+
+    def patched(self, *batch):
+        loss = forward(self, *batch)
+        if not self.training:
+            return loss
+        calls.append(1)
+        return loss * float("nan") if bad_steps(len(calls)) else loss
+
+    monkeypatch.setattr(TranslationLoss, "forward", patched)
+    return calls
+
+
+def test_with_a_scaler_the_step_after_a_skipped_one_works(corpus, tmp_path, monkeypatch, caplog):
+    scalers = cpu_scaler(monkeypatch)
+    nan_losses(monkeypatch, lambda call: call % 2 == 1)  # steps 1, 3, 5
+    cfg = load_config(CONFIG, overrides(corpus, tmp_path, train_max_steps=6, train_max_nonfinite=2,
+                                        train_eval_every=1000, train_save_every=1000, train_eval_bleu_sentences=0,
+                                        train_average_last=1))
+    train(cfg)  # before: step 2's unscale_() raised "unscale_() has already been called ..."
+    assert len([r for r in caplog.records if "update skipped" in r.getMessage()]) == 3
+    state = load_checkpoint(run_checkpoints(tmp_path)[-1])
+    assert state["optimizer"]["state"][0]["step"].item() == 3  # steps 2, 4, 6 updated
+    # Every skipped step's NaN gradients were seen by update(), which halved the scale each time.
+    assert state["scaler"]["scale"] == 2.0**10 / 8 and scalers[0].get_scale() == 2.0**10 / 8
+
+
+def test_with_a_scaler_a_run_of_non_finite_steps_stops_with_one_line(corpus, tmp_path, monkeypatch):
+    cpu_scaler(monkeypatch)
+    calls = nan_losses(monkeypatch, lambda call: call > 2)
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(CONFIG), *overrides(corpus, tmp_path, train_max_nonfinite=3, train_eval_every=1000,
+                                                 train_save_every=1000)])
+    one_line_error(exit, "3 non-finite steps in a row at step 5")
+    assert len(calls) == 5
+
+
+def tiny_regression() -> tuple[torch.nn.Linear, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+
+
+def fp16_loss(model: torch.nn.Linear) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.float16):
+        return model(torch.randn(16, 8)).float().pow(2).sum()
+
+
+def test_fp16_on_the_cpu_overflow_skips_lowers_the_scale_and_the_next_step_updates():
+    model, optimizer = tiny_regression()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    ranks = Ranks()
+    for overflow in (True, False):
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = fp16_loss(model)
+        scaler.scale(loss).backward()
+        if overflow:
+            model.weight.grad[0, 0] = float("inf")  # as an fp16 overflow in the backward pass
+        finite, total = optimizer_step(model, optimizer, scaler, 1.0, loss.detach().double(), ranks)
+        optimizer.zero_grad(set_to_none=True)
+        moved = any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+        # An overflow is the scaler's business: the loss is finite, the scaler skips the update.
+        assert finite and total == loss.item()
+        assert moved is not overflow
+    assert scaler.get_scale() == 2.0**7
+
+
+class OtherRankSends(Ranks):
+    """A rank of two whose partner's step scalars are `other`: the sum a real all-reduce returns."""
+
+    def __init__(self, other: list[float]) -> None:
+        super().__init__(rank=0, world_size=2)
+        self.other = other
+
+    def sum_on_device(self, values: torch.Tensor) -> list[float]:
+        return (values + torch.tensor(self.other, dtype=values.dtype)).tolist()
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_a_non_finite_loss_on_another_rank_skips_the_update_here_too(scaled):
+    model, optimizer = tiny_regression()
+    scaler = torch.amp.GradScaler("cpu") if scaled else None
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = fp16_loss(model) if scaled else model(torch.randn(16, 8)).pow(2).sum()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    finite, _ = optimizer_step(model, optimizer, scaler, 0.0, loss.detach().double(), OtherRankSends([math.nan, 1.0]))
+    assert not finite
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    if scaler is not None:  # update() ran: the next unscale_() is allowed
+        scaler.unscale_(optimizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices: precision, device choice, process settings
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def two_gpus(monkeypatch):
+    """A machine with cuda:0 of compute capability 7.0 (V100) and cuda:1 of 8.0 (A100)."""
+    capabilities = {0: (7, 0), 1: (8, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capabilities[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # emulation counts, in 2.13
+
+
+def test_auto_precision_follows_the_capability_of_the_gpu_asked_for(two_gpus):
+    assert runtime.resolve_precision("auto", torch.device("cuda:0")) == "fp32"
+    assert runtime.resolve_precision("auto", torch.device("cuda:1")) == "bf16"
+    assert [runtime.has_native_bf16(torch.device(f"cuda:{i}")) for i in (0, 1)] == [False, True]
+    assert runtime.resolve_precision("fp16", torch.device("cuda:0")) == "fp16"
+
+
+def test_device_choice_under_torchrun(two_gpus):
+    assert runtime.resolve_device("cuda", local_rank=1, world_size=2) == torch.device("cuda:1")
+    assert runtime.resolve_device("auto", local_rank=0, world_size=2) == torch.device("cuda:0")
+    assert runtime.resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ValueError, match="all 2 ranks on one GPU"):
+        runtime.resolve_device("cuda:0", local_rank=1, world_size=2)
+    with pytest.raises(ValueError, match=r"asks for GPU 2, but this machine has 2 \(cuda:0 .. cuda:1\)"):
+        runtime.resolve_device("cuda:2")
+    with pytest.raises(ValueError, match="LOCAL_RANK 3"):
+        runtime.resolve_device("cuda", local_rank=3, world_size=4)
+
+
+def test_one_gpu_named_for_several_ranks_is_a_one_line_error(two_gpus, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(CONFIG), *overrides(corpus, tmp_path, train_device="cuda:0")])
+    one_line_error(exit, "train.device", "'cuda:0' would put all 2 ranks on one GPU")
+
+
+def test_cpu_process_settings_apply_to_cpu_runs_only(monkeypatch, corpus, tmp_path):
+    applied = []
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: applied.append("malloc"))
+    monkeypatch.setattr(runtime, "bound_onednn_caches", lambda: applied.append("onednn"))
+    assert not runtime.tune_process_for(torch.device("cuda:0")) and applied == []
+    assert runtime.tune_process_for(torch.device("cpu")) and applied == ["malloc", "onednn"]
+    applied.clear()
+    main(["--config", str(CONFIG), *overrides(corpus, tmp_path, train_max_steps=1, train_eval_bleu_sentences=0,
+                                             train_average_last=1)])
+    assert applied == ["malloc", "onednn"]
+
+
+def test_tf32_is_set_for_cuda_runs_only():
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        assert not runtime.use_tf32(torch.device("cpu"), True)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert runtime.use_tf32(torch.device("cuda:0"), True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert not runtime.use_tf32(torch.device("cuda:0"), False)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def test_a_cpu_run_gathers_no_cuda_state_on_a_gpu_machine(monkeypatch):
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("a CPU run touched CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", no_cuda)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", no_cuda)
+    states = train_module.rng_states(torch.device("cpu"))
+    assert list(states[0]) == ["torch"]
+    train_module.restore_rng([{**states[0], "cuda": torch.zeros(8, dtype=torch.uint8)}], 0, 1, 1, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Searches: one host read per step
+# ---------------------------------------------------------------------------------------------
+
+def reads_per_search_step(monkeypatch, search, **kwargs) -> list[int]:
+    """Host reads in each step of `search` on a model that never chooses EOS before it is forced,
+    so that every step but the last (which forces EOS) is a plain one."""
+    model = random_model(3)
+    project = model.project
+    eos_penalty = torch.zeros(model.output_projection.out_features, dtype=torch.float64)
+    eos_penalty[EOS_ID] = -1e4
+    monkeypatch.setattr(model, "project", lambda hidden: project(hidden) + eos_penalty)
+    src = random_source(4, [5, 3, 7, 2])
+    marks = []
+    import transformer.search as search_module
+    best = search_module._best_next_tokens
+
+    def marked(*args, **kw):
+        marks.append(reads.total)
+        return best(*args, **kw)
+
+    monkeypatch.setattr(search_module, "_best_next_tokens", marked)
+    with HostReads() as reads:
+        outputs = search(model, src, max_len_a=0.0, max_len_b=6, **kwargs)
+    marks.append(reads.total)
+    assert len(marks) == 8  # steps 0 .. 6, the last forcing EOS
+    lengths = [len(o[0].tokens if isinstance(o[0], Hypothesis) else o) for o in outputs]
+    assert lengths == [6] * 4
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def test_greedy_search_reads_the_device_once_per_step(monkeypatch):
+    per_step = reads_per_search_step(monkeypatch, greedy_search)
+    assert per_step[:-1] == [1] * 6  # finished.any(): which rows to drop is a host decision
+
+
+def test_beam_search_reads_the_device_once_per_step(monkeypatch):
+    per_step = reads_per_search_step(monkeypatch, beam_search, beam_size=3)
+    assert per_step[:-1] == [1] * 6  # one read of (anything finished, any sentence done)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches, the loss's device path, sharded validation
+# ---------------------------------------------------------------------------------------------
+
+def test_the_batch_carries_its_token_positions_from_the_host():
+    data = ParallelData(src=[[5, 6, 3], [7, 3], [8, 9, 10, 3]], tgt=[[4], [5, 6, 7], [8, 9]], indices=[0, 1, 2])
+    batch = collate([0, 1, 2], data)
+    assert torch.equal(batch.src_index, batch.src.ne(PAD_ID).flatten().nonzero().squeeze(1))
+    assert torch.equal(batch.tgt_index, batch.tgt_out.ne(PAD_ID).flatten().nonzero().squeeze(1))
+    assert batch.tgt_index.numel() == batch.n_tgt_tokens and batch.src_index.numel() == batch.n_src_tokens
+    assert collate([0], data).src_index is None  # no padding: the encoder runs unpacked, as before
+    moved = batch.to("cpu")
+    assert torch.equal(moved.src_index, batch.src_index) and torch.equal(moved.tgt_index, batch.tgt_index)
+
+
+def test_the_loss_with_host_positions_equals_the_loss_finding_them():
+    model = random_model(5, dtype=torch.float32).train()
+    data = ParallelData(src=[[5, 6, 3], [7, 3], [8, 9, 10, 3]], tgt=[[4], [5, 6, 7], [8, 9]], indices=[0, 1, 2])
+    batch = collate([0, 1, 2], data)
+    loss_fn = TranslationLoss(model.eval(), 0.1)
+    given = loss_fn(batch.src, batch.tgt_in, batch.tgt_out, batch.src_index, batch.tgt_index)
+    found = loss_fn(batch.src, batch.tgt_in, batch.tgt_out)
+    assert torch.equal(given, found)
+
+
+def test_the_device_path_of_the_loss_fixes_underflowed_rows_like_the_host_path(monkeypatch):
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50) * 3
+    target = torch.randint(0, 50, (6,))
+    logits[1, target[1]] -= 200.0  # p_y underflows to 0 in float32
+    logits[4, target[4]] -= 95.0  # p_y subnormal
+    on_host = label_smoothed_cross_entropy(logits, target, 0.1)
+    monkeypatch.setattr(loss_module, "rows_found_on_host", lambda device: False)
+    on_device = label_smoothed_cross_entropy(logits, target, 0.1)
+    exact = torch.nn.functional.cross_entropy(logits.double(), target, label_smoothing=0.1, reduction="sum")
+    assert math.isfinite(on_device.item())
+    torch.testing.assert_close(on_device.double(), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(on_device, on_host, rtol=1e-6, atol=0)
+
+
+class RecordingRanks(Ranks):
+    """Rank 1 of 2, recording what it would contribute to the collectives."""
+
+    def __init__(self) -> None:
+        super().__init__(rank=1, world_size=2)
+        self.sums, self.objects = None, None
+
+    def sum_on_device(self, values):
+        self.sums = values.clone()
+        return values.tolist()
+
+    def gather_objects(self, obj):
+        self.objects = obj
+        return [obj, obj]
+
+
+class Rank0With(Ranks):
+    """Rank 0 of 2 whose partner contributed what `RecordingRanks` recorded."""
+
+    def __init__(self, partner: RecordingRanks) -> None:
+        super().__init__(rank=0, world_size=2)
+        self.partner = partner
+
+    def sum_on_device(self, values):
+        return (values + self.partner.sums).tolist()
+
+    def gather_objects(self, obj):
+        return [obj, self.partner.objects]
+
+
+def test_validation_sharded_over_two_ranks_gives_the_single_process_result(corpus, tmp_path):
+    cfg = load_config(CONFIG, overrides(corpus, tmp_path, train_max_tokens=120, train_eval_bleu_sentences=20))
+    src_tok, tgt_tok, _, valid_text, valid = train_module.prepare_data(cfg, tmp_path, None)
+    torch.manual_seed(0)
+    from transformer.model import Transformer
+    model = Transformer.from_config(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, PAD_ID)
+    loss_fn = TranslationLoss(model, cfg.train.label_smoothing)
+    args = (cfg, model, loss_fn, valid, valid_text, src_tok, tgt_tok, torch.device("cpu"))
+    single = train_module.validate(*args)
+    rank1 = RecordingRanks()
+    train_module.validate(*args, rank1)
+    sharded = train_module.validate(*args, Rank0With(rank1))
+    assert sharded["valid_bleu"] == single["valid_bleu"]
+    assert sharded["valid_loss"] == pytest.approx(single["valid_loss"], rel=1e-6)
