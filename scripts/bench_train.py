@@ -183,7 +183,10 @@ def train_step(trainer: nn.Module, optimizer: torch.optim.Optimizer, batch: Batc
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     with precision_context(precision):
-        loss = trainer(batch.src, batch.tgt_in, batch.tgt_out)
+        if isinstance(trainer, TranslationLoss):  # as the training loop calls it, with the batch's token positions
+            loss = trainer(batch.src, batch.tgt_in, batch.tgt_out, batch.src_index, batch.tgt_index)
+        else:
+            loss = trainer(batch.src, batch.tgt_in, batch.tgt_out)
     loss.backward()
     optimizer.step()
     return time.perf_counter() - start
