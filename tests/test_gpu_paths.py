@@ -31,7 +31,7 @@ from transformer.data import ParallelData, collate
 from transformer.loss import TranslationLoss, label_smoothed_cross_entropy
 from transformer.search import Hypothesis, beam_search, greedy_search
 from transformer.tokenizer import EOS_ID, PAD_ID
-from transformer.train import Ranks, TrainingError, main, optimizer_step, train
+from transformer.train import Ranks, main, optimizer_step, train
 
 from test_search import random_model, random_source
 from test_train import CONFIG, one_line_error, overrides, write_corpus
