@@ -164,7 +164,7 @@ def test_empty_file_gives_defaults(tmp_path: Path):
         ("model.n_encoder_layers=0", r"model.n_encoder_layers must be > 0"),
         ("model.dropout=1.0", r"model.dropout must be in \[0, 1\)"),
         ("model.positional=rotary", r"model.positional must be 'sinusoidal' or 'learned'"),
-        ("tokenizer.joint=false", r"share_embeddings=true requires tokenizer.joint=true"),
+        ("model.activation=swish", r"model.activation must be 'relu' or 'gelu'"),
         ("tokenizer.type=wordpiece", r"tokenizer.type must be 'bpe' or 'unigram'"),
         ("tokenizer.vocab_size=50", r"tokenizer.vocab_size must be >= 100"),
         ("train.label_smoothing=1", r"train.label_smoothing must be in \[0, 1\)"),
@@ -179,6 +179,11 @@ def test_empty_file_gives_defaults(tmp_path: Path):
 def test_range_checks(override: str, expected: str):
     with pytest.raises(ConfigError, match=expected):
         load_config(None, [override])
+
+
+def test_shared_embeddings_need_a_joint_vocabulary():
+    with pytest.raises(ConfigError, match=r"share_embeddings=true requires tokenizer.joint=true"):
+        load_config(None, ["model.share_embeddings=true", "tokenizer.joint=false"])
 
 
 def test_range_error_in_file_names_file(tmp_path: Path):

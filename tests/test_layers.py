@@ -1,10 +1,13 @@
-"""Encoder and decoder layers against torch.nn.Transformer*Layer with copied weights (float64, eval)."""
+"""Encoder and decoder layers against torch.nn.Transformer*Layer with copied weights (float64, eval).
+
+A decoder layer without cross-attention is checked against nn.TransformerEncoderLayer with a
+causal mask, the usual way to build a decoder-only model from PyTorch's modules."""
 
 import pytest
 import torch
 from torch import nn
 
-from transformer.model import DecoderLayer, Encoder, EncoderLayer, MultiHeadAttention, TokenLayout
+from transformer.model import Decoder, DecoderLayer, Encoder, EncoderLayer, FeedForward, MultiHeadAttention, TokenLayout
 
 pytestmark = pytest.mark.usefixtures("attention_kernel")  # both CPU attention paths (conftest.py)
 
@@ -25,7 +28,7 @@ def copy_common(ours, ref) -> None:
     for name in ("linear1", "linear2"):
         getattr(ref, name).load_state_dict(getattr(ours.ff, name).state_dict())
     for name in ("norm1", "norm2", "norm3"):
-        if hasattr(ours, name):
+        if getattr(ours, name, None) is not None:
             getattr(ref, name).load_state_dict(getattr(ours, name).state_dict())
 
 
@@ -33,18 +36,19 @@ def padding(B: int, S: int) -> torch.Tensor:
     return torch.arange(S).unsqueeze(0) >= (S - torch.arange(B)).unsqueeze(1)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_encoder_layer_matches_torch(norm_first):
+def test_encoder_layer_matches_torch(norm_first, activation):
     torch.manual_seed(0)
-    ours = EncoderLayer(D, H, FF, dropout=0.1, norm_first=norm_first).double().eval()
+    ours = EncoderLayer(D, H, FF, dropout=0.1, norm_first=norm_first, activation=activation).double().eval()
     ref = nn.TransformerEncoderLayer(D, H, FF, dropout=0.1, batch_first=True, norm_first=norm_first,
-                                     dtype=torch.float64).eval()
+                                     activation=activation, dtype=torch.float64).eval()
     with torch.no_grad():
         copy_common(ours, ref)
     x = torch.randn(3, 7, D, dtype=torch.float64)
     mask = padding(3, 7)
     keep = ~mask
-    torch.testing.assert_close(ours(x, mask)[keep], ref(x, src_key_padding_mask=mask)[keep], atol=1e-10, rtol=0)
+    torch.testing.assert_close(ours(x, mask)[0][keep], ref(x, src_key_padding_mask=mask)[keep], atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
@@ -65,14 +69,68 @@ def test_decoder_layer_matches_torch(norm_first):
     torch.testing.assert_close(ours(x, memory, mask)[0], expected, atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_decoder_only_layer_matches_torch_encoder_layer_with_causal_mask(norm_first, activation):
+    torch.manual_seed(0)
+    ours = DecoderLayer(D, H, FF, dropout=0.1, norm_first=norm_first, activation=activation,
+                        cross_attention=False).double().eval()
+    ref = nn.TransformerEncoderLayer(D, H, FF, dropout=0.1, batch_first=True, norm_first=norm_first,
+                                     activation=activation, dtype=torch.float64).eval()
+    with torch.no_grad():
+        copy_common(ours, ref)
+    assert ours.cross_attn is None and ours.norm3 is None
+    x = torch.randn(3, 9, D, dtype=torch.float64)
+    causal = nn.Transformer.generate_square_subsequent_mask(9, dtype=torch.float64)
+    out, self_weights, cross_weights = ours(x, need_weights=True)
+    torch.testing.assert_close(out, ref(x, src_mask=causal, is_causal=True), atol=1e-10, rtol=0)
+    assert cross_weights is None and torch.all(self_weights.triu(1) == 0)
+    with pytest.raises(ValueError, match="memory"):
+        ours(x, x)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_decoder_only_stack_matches_torch_encoder_with_causal_mask(norm_first):
+    """A stack without cross-attention, its final pre-LN norm included, and cached step-by-step
+    decoding through it."""
+    torch.manual_seed(0)
+    ours = Decoder(3, D, H, FF, dropout=0.1, norm_first=norm_first, activation="gelu",
+                   cross_attention=False).double().eval()
+    layer = nn.TransformerEncoderLayer(D, H, FF, dropout=0.1, batch_first=True, norm_first=norm_first,
+                                       activation="gelu", dtype=torch.float64)
+    ref = nn.TransformerEncoder(layer, 3, norm=nn.LayerNorm(D, dtype=torch.float64) if norm_first else None,
+                                enable_nested_tensor=False).eval()
+    with torch.no_grad():
+        for ours_layer, ref_layer in zip(ours.layers, ref.layers):
+            copy_common(ours_layer, ref_layer)
+        if norm_first:
+            ours.norm.weight.normal_()
+            ref.norm.load_state_dict(ours.norm.state_dict())
+    x = torch.randn(2, 11, D, dtype=torch.float64)
+    causal = nn.Transformer.generate_square_subsequent_mask(11, dtype=torch.float64)
+    expected = ref(x, mask=causal, is_causal=True)
+    torch.testing.assert_close(ours(x), expected, atol=1e-10, rtol=0)
+    cache = ours.new_cache()
+    assert cache.cross_attn == []
+    steps = [ours(x[:, :4], cache=cache)] + [ours(x[:, t : t + 1], cache=cache) for t in range(4, 11)]
+    torch.testing.assert_close(torch.cat(steps, 1), expected, atol=1e-10, rtol=0)
+    assert cache.length == 11
+
+
+def test_feed_forward_activation_is_checked_and_named():
+    assert "activation=gelu" in repr(FeedForward(D, FF, "gelu"))
+    with pytest.raises(ValueError, match="activation must be one of 'relu', 'gelu', got 'tanh'"):
+        FeedForward(D, FF, "tanh")
+
+
 def test_dropout_is_active_only_in_training():
     torch.manual_seed(0)
     layer = EncoderLayer(D, H, FF, dropout=0.5)
     x = torch.randn(2, 5, D)
     layer.train()
-    assert not torch.allclose(layer(x), layer(x))
+    assert not torch.allclose(layer(x)[0], layer(x)[0])
     layer.eval()
-    torch.testing.assert_close(layer(x), layer(x))
+    torch.testing.assert_close(layer(x)[0], layer(x)[0])
 
 
 def test_token_layout_packs_real_tokens_and_unpacks_with_zeros():

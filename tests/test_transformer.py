@@ -169,3 +169,46 @@ def test_tiny_model_learns_to_reverse():
         accuracy = (greedy(model, src, 6) == src.flip(1)).all(1).float().mean().item()
     print(f"reversal exact-match accuracy {accuracy:.0%}")
     assert accuracy >= 0.95, f"only {accuracy:.0%} of reversed sequences exactly right"
+
+
+def test_constructor_defaults_are_the_config_defaults():
+    """One source of settings: every ModelConfig field is a keyword of Transformer with the same
+    default, so that `from_config` can pass them all by name and `Transformer(V, V)` is the config's model."""
+    import dataclasses
+    import inspect
+
+    from transformer.config import ModelConfig
+
+    parameters = inspect.signature(Transformer).parameters
+    for field in dataclasses.fields(ModelConfig):
+        assert field.name in parameters, f"ModelConfig.{field.name} is not a Transformer argument"
+        assert parameters[field.name].default == field.default, field.name
+    cfg = ModelConfig(d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=2, activation="gelu",
+                      positional="learned", max_len=20, share_embeddings=True, tie_output=False)
+    model = Transformer.from_config(cfg, 40, 40, pad_id=1)
+    assert model.src_embed is model.tgt_embed and model.output_projection.weight is not model.tgt_embed.weight
+    assert len(model.decoder.layers) == 2 and model.encoder.layers[0].ff.activation == "gelu"
+    assert model.positions.embedding.num_embeddings == 20 and model.pad_id == 1
+    assert Transformer(80, 60, d_model=16, n_heads=2, d_ff=32).output_projection.weight.shape == (60, 16)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_attention_maps_are_the_layers_own_weights(norm_first):
+    """attention_maps runs the real layers: each map equals what the layer returns when asked for its
+    weights on the input that the stack gives it."""
+    model = tiny(norm_first)
+    src, tgt = batch()
+    maps = model.attention_maps(src, tgt)
+    mask = model.padding_mask(src)
+    with torch.no_grad():
+        x = model.src_embed(src, model.positions(src.size(1)))
+        for layer, weights in zip(model.encoder.layers, maps["encoder"]):
+            x, expected = layer(x, mask, need_weights=True)
+            keep = ~mask  # rows of padding queries are no distribution anyone reads
+            torch.testing.assert_close(weights.transpose(1, 2)[keep], expected.transpose(1, 2)[keep])
+        memory = model.encode(src)
+        y = model.tgt_embed(tgt, model.positions(tgt.size(1)))
+        for layer, self_weights, cross_weights in zip(model.decoder.layers, maps["decoder"], maps["cross"]):
+            y, expected_self, expected_cross = layer(y, memory, mask, need_weights=True)
+            torch.testing.assert_close(self_weights, expected_self)
+            torch.testing.assert_close(cross_weights, expected_cross)

@@ -31,7 +31,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Architecture of the encoder-decoder Transformer (paper section 3, base model)."""
+    """Architecture of the encoder-decoder Transformer (paper section 3, base model).
+
+    Every field is a keyword argument of `transformer.model.Transformer` with the same default;
+    `Transformer.from_config` passes them all by name, so a new option is a field here and a
+    parameter there.
+    """
 
     d_model: int = 512  # width of every sub-layer output and embedding
     n_heads: int = 8  # attention heads; d_k = d_v = d_model / n_heads
@@ -41,9 +46,10 @@ class ModelConfig:
     dropout: float = 0.1  # on sub-layer outputs and embedding sums (P_drop)
     attention_dropout: float = 0.0  # on attention weights
     norm_first: bool = False  # False = post-LN (paper); True = pre-LN
+    activation: str = "relu"  # feed-forward non-linearity: "relu" (paper) | "gelu"
     positional: str = "sinusoidal"  # "sinusoidal" | "learned"
     max_len: int = 1024  # positions precomputed / learned
-    share_embeddings: bool = True  # source and target embeddings shared (needs a joint vocabulary)
+    share_embeddings: bool = False  # source and target embeddings shared, as in the paper (needs tokenizer.joint)
     tie_output: bool = True  # target embedding shared with the pre-softmax projection
 
 
@@ -235,6 +241,7 @@ def _validate(cfg: Config, source: str) -> None:
         (m.n_decoder_layers > 0, "model.n_decoder_layers must be > 0"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (0.0 <= m.attention_dropout < 1.0, "model.attention_dropout must be in [0, 1)"),
+        (m.activation in ("relu", "gelu"), "model.activation must be 'relu' or 'gelu'"),
         (m.positional in ("sinusoidal", "learned"), "model.positional must be 'sinusoidal' or 'learned'"),
         (m.positional != "sinusoidal" or m.d_model % 2 == 0,
          f"model.d_model ({m.d_model}) must be even for model.positional='sinusoidal' (sin/cos pairs)"),

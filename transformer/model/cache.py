@@ -71,15 +71,19 @@ class AttentionCache:
 
 @dataclass
 class DecoderCache:
-    """Per-layer caches of a decoder stack: `self_attn[i]` and `cross_attn[i]` for layer i."""
+    """Per-layer caches of a decoder stack: `self_attn[i]` and `cross_attn[i]` for layer i.
+
+    A stack without cross-attention (a decoder-only language model) has an empty `cross_attn`.
+    """
 
     self_attn: list[AttentionCache] = field(default_factory=list)
     cross_attn: list[AttentionCache] = field(default_factory=list)
 
     @classmethod
-    def empty(cls, n_layers: int) -> "DecoderCache":
-        """A cache with nothing in it for a decoder of `n_layers` layers."""
-        return cls([AttentionCache() for _ in range(n_layers)], [AttentionCache() for _ in range(n_layers)])
+    def empty(cls, n_layers: int, cross_attention: bool = True) -> "DecoderCache":
+        """A cache with nothing in it for a decoder of `n_layers` layers, with or without cross-attention."""
+        cross = [AttentionCache() for _ in range(n_layers)] if cross_attention else []
+        return cls([AttentionCache() for _ in range(n_layers)], cross)
 
     @property
     def length(self) -> int:

@@ -86,3 +86,16 @@ class LearnedPositionalEmbedding(nn.Module):
                 f"position {end - 1} is beyond the {self.embedding.num_embeddings} learned positions (model.max_len)"
             )
         return self.embedding.weight[offset:end]
+
+
+def positional_encoding(kind: str, d_model: int, max_len: int = 1024) -> nn.Module:
+    """The positions module named by `kind`: "sinusoidal" (paper) or "learned" (Table 3, row E).
+
+    Returns:
+        a module mapping (length, offset) to (length, D) encodings.
+    """
+    if kind == "sinusoidal":
+        return SinusoidalPositionalEncoding(d_model, max_len)
+    if kind == "learned":
+        return LearnedPositionalEmbedding(d_model, max_len)
+    raise ValueError(f"positional must be 'sinusoidal' or 'learned', got {kind!r}")

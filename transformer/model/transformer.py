@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .cache import DecoderCache
-from .dropout import Dropout
+from .embedding import TokenEmbedding
 from .layers import DecoderLayer, EncoderLayer
 from .packing import TokenLayout
-from .positional import LearnedPositionalEmbedding, SinusoidalPositionalEncoding
+from .positional import positional_encoding
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -28,30 +28,35 @@ class Encoder(nn.Module):
 
     def __init__(
         self, n_layers: int, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.1,
-        attention_dropout: float = 0.0, norm_first: bool = False,
+        attention_dropout: float = 0.0, norm_first: bool = False, activation: str = "relu",
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            EncoderLayer(d_model, n_heads, d_ff, dropout, attention_dropout, norm_first) for _ in range(n_layers)
+            EncoderLayer(d_model, n_heads, d_ff, dropout, attention_dropout, norm_first, activation)
+            for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model) if norm_first else None
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, layout: TokenLayout | None = None
+        self, x: Tensor, key_padding_mask: Tensor | None = None, layout: TokenLayout | None = None,
+        weights: list[Tensor] | None = None,
     ) -> Tensor:
         """(B, S, D) -> (B, S, D); `key_padding_mask` (B, S) bool, True marks padding.
 
         With padding, the layers run on the real tokens only (see `TokenLayout`), and the output is
         zero at padding positions. The layout is found from the mask, which reads the mask on the
         host (a wait for a GPU), unless the caller gives it: `layout`, the real tokens of this
-        mask, as training's batches carry it from the host.
+        mask, as training's batches carry it from the host. If `weights` is a list, each layer's
+        self-attention weights (B, H, S, S) are appended to it.
         """
         if layout is None and key_padding_mask is not None and bool(key_padding_mask.any()):
             layout = TokenLayout.from_padding_mask(key_padding_mask)
         if layout is not None:
             x = layout.pack(x)
         for layer in self.layers:
-            x = layer(x, key_padding_mask, layout)
+            x, layer_weights = layer(x, key_padding_mask, layout, need_weights=weights is not None)
+            if weights is not None:
+                weights.append(layer_weights)
         if self.norm is not None:
             x = self.norm(x)
         return x if layout is None else layout.unpack(x)
@@ -60,36 +65,56 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """A stack of `DecoderLayer`s, with the final LayerNorm that pre-LN needs.
 
-    Args: as for `Encoder`.
+    With `cross_attention=False` it is the stack of a decoder-only language model: `memory` is
+    then None and the cache holds self-attention entries only (`new_cache`).
+
+    Args:
+        cross_attention: whether the layers attend over an encoder output.
+        Other arguments: as for `Encoder`.
     """
 
     def __init__(
         self, n_layers: int, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.1,
-        attention_dropout: float = 0.0, norm_first: bool = False,
+        attention_dropout: float = 0.0, norm_first: bool = False, activation: str = "relu",
+        cross_attention: bool = True,
     ) -> None:
         super().__init__()
+        self.cross_attention = cross_attention
         self.layers = nn.ModuleList(
-            DecoderLayer(d_model, n_heads, d_ff, dropout, attention_dropout, norm_first) for _ in range(n_layers)
+            DecoderLayer(d_model, n_heads, d_ff, dropout, attention_dropout, norm_first, activation, cross_attention)
+            for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model) if norm_first else None
 
+    def new_cache(self) -> DecoderCache:
+        """An empty key/value cache for incremental decoding through this stack."""
+        return DecoderCache.empty(len(self.layers), self.cross_attention)
+
     def forward(
-        self, x: Tensor, memory: Tensor, memory_key_padding_mask: Tensor | None = None,
-        cache: DecoderCache | None = None,
+        self, x: Tensor, memory: Tensor | None = None, memory_key_padding_mask: Tensor | None = None,
+        cache: DecoderCache | None = None, self_weights: list[Tensor] | None = None,
+        cross_weights: list[Tensor] | None = None,
     ) -> Tensor:
         """Args:
             x: (B, T, D) target positions (only the new ones when decoding with a cache).
-            memory: (B, S, D) encoder output.
+            memory: (B, S, D) encoder output; None without cross-attention.
             memory_key_padding_mask: (B, S) bool, True marks source padding.
             cache: incremental decoding state, updated in place; or None.
+            self_weights, cross_weights: if lists, each layer's self-attention weights (B, H, T, L)
+                and cross-attention weights (B, H, T, S) are appended to them.
 
         Returns:
             (B, T, D).
         """
+        need_weights = self_weights is not None or cross_weights is not None
         for i, layer in enumerate(self.layers):
             self_cache = None if cache is None else cache.self_attn[i]
-            cross_cache = None if cache is None else cache.cross_attn[i]
-            x = layer(x, memory, memory_key_padding_mask, self_cache, cross_cache)[0]
+            cross_cache = None if cache is None or not self.cross_attention else cache.cross_attn[i]
+            x, layer_self, layer_cross = layer(x, memory, memory_key_padding_mask, self_cache, cross_cache, need_weights)
+            if self_weights is not None:
+                self_weights.append(layer_self)
+            if cross_weights is not None and layer_cross is not None:
+                cross_weights.append(layer_cross)
         return x if self.norm is None else self.norm(x)
 
 
@@ -97,9 +122,13 @@ class Transformer(nn.Module):
     """The encoder-decoder Transformer for sequence-to-sequence tasks such as translation.
 
     Token embeddings are multiplied by sqrt(d_model) and summed with positional encodings, then
-    dropout is applied (section 3.4, 5.4). Target positions attend causally; padding (`pad_id`) is
-    masked out of every attention over the source. Targets are assumed right-padded, so causal
-    masking alone keeps real target positions from seeing target padding.
+    dropout is applied (section 3.4, 5.4; `TokenEmbedding`). Target positions attend causally;
+    padding (`pad_id`) is masked out of every attention over the source. Targets are assumed
+    right-padded, so causal masking alone keeps real target positions from seeing target padding.
+
+    The keyword defaults are those of `transformer.config.ModelConfig` (the paper's base model,
+    with separate embeddings, since a model cannot assume one vocabulary for both sides), and
+    `from_config` passes every field of it by name.
 
     Args:
         src_vocab_size: source vocabulary size.
@@ -111,6 +140,7 @@ class Transformer(nn.Module):
         dropout: P_drop, on sub-layer outputs and on embedding + position sums.
         attention_dropout: dropout on attention weights.
         norm_first: pre-LN instead of the paper's post-LN.
+        activation: the feed-forward non-linearity, "relu" (paper) or "gelu".
         positional: "sinusoidal" (paper) or "learned" (Table 3, row E).
         max_len: positions precomputed (sinusoidal) or learned.
         share_embeddings: one embedding matrix for source and target (requires equal vocabularies).
@@ -130,6 +160,7 @@ class Transformer(nn.Module):
         dropout: float = 0.1,
         attention_dropout: float = 0.0,
         norm_first: bool = False,
+        activation: str = "relu",
         positional: str = "sinusoidal",
         max_len: int = 1024,
         share_embeddings: bool = False,
@@ -142,22 +173,13 @@ class Transformer(nn.Module):
                 f"share_embeddings needs one vocabulary, got source {src_vocab_size} and target {tgt_vocab_size}"
             )
         self.d_model, self.pad_id = d_model, pad_id
-        self.src_embed = nn.Embedding(src_vocab_size, d_model, padding_idx=pad_id)
-        self.tgt_embed = self.src_embed if share_embeddings else nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_id)
-        for embedding in {self.src_embed, self.tgt_embed}:
-            # Unit variance after the sqrt(d_model) scaling; the padding row stays zero.
-            nn.init.normal_(embedding.weight, std=d_model**-0.5)
-            with torch.no_grad():
-                embedding.weight[pad_id].zero_()
-        if positional == "sinusoidal":
-            self.positions: nn.Module = SinusoidalPositionalEncoding(d_model, max_len)
-        elif positional == "learned":
-            self.positions = LearnedPositionalEmbedding(d_model, max_len)
-        else:
-            raise ValueError(f"positional must be 'sinusoidal' or 'learned', got {positional!r}")
-        self.dropout = Dropout(dropout)
-        self.encoder = Encoder(n_encoder_layers, d_model, n_heads, d_ff, dropout, attention_dropout, norm_first)
-        self.decoder = Decoder(n_decoder_layers, d_model, n_heads, d_ff, dropout, attention_dropout, norm_first)
+        self.src_embed = TokenEmbedding(src_vocab_size, d_model, dropout, pad_id)
+        self.tgt_embed = self.src_embed if share_embeddings else TokenEmbedding(tgt_vocab_size, d_model, dropout, pad_id)
+        self.positions = positional_encoding(positional, d_model, max_len)  # one module for both sides
+        self.encoder = Encoder(n_encoder_layers, d_model, n_heads, d_ff, dropout, attention_dropout, norm_first,
+                               activation)
+        self.decoder = Decoder(n_decoder_layers, d_model, n_heads, d_ff, dropout, attention_dropout, norm_first,
+                               activation)
         self.output_projection = nn.Linear(d_model, tgt_vocab_size, bias=False)
         if tie_output:
             self.output_projection.weight = self.tgt_embed.weight
@@ -168,13 +190,8 @@ class Transformer(nn.Module):
     def from_config(
         cls, cfg: "ModelConfig", src_vocab_size: int, tgt_vocab_size: int, pad_id: int = 0
     ) -> "Transformer":
-        """Build a model from a `transformer.config.ModelConfig` and the vocabulary sizes."""
-        return cls(
-            src_vocab_size, tgt_vocab_size, d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
-            n_encoder_layers=cfg.n_encoder_layers, n_decoder_layers=cfg.n_decoder_layers, dropout=cfg.dropout,
-            attention_dropout=cfg.attention_dropout, norm_first=cfg.norm_first, positional=cfg.positional,
-            max_len=cfg.max_len, share_embeddings=cfg.share_embeddings, tie_output=cfg.tie_output, pad_id=pad_id,
-        )
+        """Build a model from a `transformer.config.ModelConfig` (each field is a keyword of the constructor)."""
+        return cls(src_vocab_size, tgt_vocab_size, pad_id=pad_id, **dataclasses.asdict(cfg))
 
     @classmethod
     def base(cls, vocab_size: int, **overrides: object) -> "Transformer":
@@ -196,12 +213,7 @@ class Transformer(nn.Module):
 
     def new_cache(self) -> DecoderCache:
         """An empty key/value cache for incremental decoding with `decode`."""
-        return DecoderCache.empty(len(self.decoder.layers))
-
-    def _embed(self, embedding: nn.Embedding, tokens: Tensor, offset: int = 0) -> Tensor:
-        """(B, L) ids -> (B, L, D): Dropout(Embedding * sqrt(D) + PE)."""
-        x = embedding(tokens) * math.sqrt(self.d_model) + self.positions(tokens.size(1), offset)
-        return self.dropout(x)
+        return self.decoder.new_cache()
 
     def encode(self, src: Tensor, layout: TokenLayout | None = None) -> Tensor:
         """Run the encoder.
@@ -214,7 +226,7 @@ class Transformer(nn.Module):
         Returns:
             memory (B, S, D), zero at padding. Pass `padding_mask(src)` along with it to `decode`.
         """
-        return self.encoder(self._embed(self.src_embed, src), self.padding_mask(src), layout)
+        return self.encoder(self.src_embed(src, self.positions(src.size(1))), self.padding_mask(src), layout)
 
     def decode_hidden(
         self, tgt: Tensor, memory: Tensor, memory_key_padding_mask: Tensor | None = None,
@@ -226,7 +238,8 @@ class Transformer(nn.Module):
             (B, T, D).
         """
         offset = 0 if cache is None else cache.length
-        return self.decoder(self._embed(self.tgt_embed, tgt, offset), memory, memory_key_padding_mask, cache)
+        x = self.tgt_embed(tgt, self.positions(tgt.size(1), offset))
+        return self.decoder(x, memory, memory_key_padding_mask, cache)
 
     def project(self, hidden: Tensor) -> Tensor:
         """Pre-softmax linear projection: (..., D) -> (..., V) logits."""
@@ -275,17 +288,9 @@ class Transformer(nn.Module):
             {"encoder": [(B, H, S, S)] per layer, "decoder": [(B, H, T, T)] per layer,
              "cross": [(B, H, T, S)] per layer}.
         """
-        src_mask = self.padding_mask(src)
         maps: dict[str, list[Tensor]] = {"encoder": [], "decoder": [], "cross": []}
-        x = self._embed(self.src_embed, src)
-        for layer in self.encoder.layers:
-            source = layer.norm1(x) if layer.norm_first else x
-            maps["encoder"].append(layer.self_attn(source, key_padding_mask=src_mask, need_weights=True)[1])
-            x = layer(x, src_mask)
-        memory = x if self.encoder.norm is None else self.encoder.norm(x)
-        y = self._embed(self.tgt_embed, tgt)
-        for layer in self.decoder.layers:
-            y, self_weights, cross_weights = layer(y, memory, src_mask, need_weights=True)
-            maps["decoder"].append(self_weights)
-            maps["cross"].append(cross_weights)
+        src_mask = self.padding_mask(src)
+        memory = self.encoder(self.src_embed(src, self.positions(src.size(1))), src_mask, weights=maps["encoder"])
+        self.decoder(self.tgt_embed(tgt, self.positions(tgt.size(1))), memory, src_mask,
+                     self_weights=maps["decoder"], cross_weights=maps["cross"])
         return maps
