@@ -1,0 +1,83 @@
+"""Sample text from a language model: `transformer-generate CKPT --prompt "A dog" --num 3 --top-p 0.9`.
+
+Reads a checkpoint written by examples/language_model.py: a file holding the `TransformerLM`
+constructor settings ("settings"), its weights ("model") and the SentencePiece model as bytes
+("tokenizer"). Loading runs no code from the file (`torch.load(weights_only=True)`). Each prompt
+is continued `--num` times, in one batch; each line printed is a prompt with its continuation.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from transformer.model import TransformerLM
+
+class LMCheckpointError(ValueError):
+    """A file that is not a readable language-model checkpoint; the message names the file."""
+
+
+def load_lm(path: Path) -> tuple[TransformerLM, spm.SentencePieceProcessor]:
+    """The model (in eval mode) and tokenizer stored in `path`."""
+    if not path.is_file():
+        raise LMCheckpointError(f"{path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file or not a torch file at all: one line, no traceback
+        raise LMCheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+    missing = [key for key in ("settings", "model", "tokenizer") if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise LMCheckpointError(f"{path}: not a language-model checkpoint (missing {', '.join(missing)})")
+    try:
+        model = TransformerLM(**state["settings"])
+        model.load_state_dict(state["model"])
+        tokenizer = spm.SentencePieceProcessor(model_proto=state["tokenizer"].numpy().tobytes())
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise LMCheckpointError(f"{path}: inconsistent checkpoint ({str(e).splitlines()[0][:200]})") from None
+    return model.eval(), tokenizer
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="transformer-generate", description="Continue prompts with a language model checkpoint."
+    )
+    parser.add_argument("checkpoint", type=Path, help="file written by examples/language_model.py")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="text to continue; repeat for several (default: start from nothing)")
+    parser.add_argument("--num", type=int, default=1, help="continuations per prompt (default: 1)")
+    parser.add_argument("--max-new-tokens", type=int, default=40, help="most tokens added (default: 40)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="sample within the nucleus of mass p (1: all)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed of the sampling (default: 1)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.num < 1 or args.max_new_tokens < 1:
+        parser.error("--num and --max-new-tokens must be >= 1")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        parser.error("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
+    try:
+        model, tokenizer = load_lm(args.checkpoint)
+    except LMCheckpointError as e:
+        parser.exit(1, f"transformer-generate: error: {e}\n")
+    generator = torch.Generator().manual_seed(args.seed)
+    for text in args.prompt or [""]:
+        prompt = torch.tensor([[tokenizer.bos_id(), *tokenizer.encode(text)]]).expand(args.num, -1)
+        out = model.generate(prompt, args.max_new_tokens, tokenizer.eos_id(), args.temperature, args.top_k,
+                             args.top_p, generator)
+        for row in out.tolist():
+            ids = row[1:]
+            if tokenizer.eos_id() in ids:
+                ids = ids[: ids.index(tokenizer.eos_id())]
+            print(tokenizer.decode(ids))
+
+
+if __name__ == "__main__":
+    main()
