@@ -1,6 +1,6 @@
 """An English caption language model from `transformer.model.TransformerLM`, trained on Multi30k.
 
-    python examples/language_model.py                      # ~3 minutes on 2 CPU cores
+    python examples/language_model.py                      # about a minute on 2 CPU cores
     transformer-generate runs/caption_lm/lm.pt --prompt "A dog" --num 3 --top-p 0.9
 
 Trains a SentencePiece vocabulary and a small decoder-only Transformer on the 29,000 English
@@ -146,16 +146,16 @@ def main() -> None:
                         help="folder with train.en.gz and val.en.gz (default: ../shared/data/multi30k)")
     parser.add_argument("--output", type=Path, default=Path("runs/caption_lm/lm.pt"), help="checkpoint to write")
     parser.add_argument("--train-sentences", type=int, default=0, help="use the first N captions only (0: all)")
-    parser.add_argument("--vocab-size", type=int, default=2000)
-    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=1000)
+    parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--d-ff", type=int, default=512)
-    parser.add_argument("--n-layers", type=int, default=3)
+    parser.add_argument("--d-ff", type=int, default=256)
+    parser.add_argument("--n-layers", type=int, default=2)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=64, help="captions per step")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--warmup", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--compare", action="store_true", help="also train the nn.TransformerEncoder peer")
