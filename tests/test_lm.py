@@ -42,7 +42,8 @@ def test_matches_torch_encoder_with_causal_mask_and_tied_projection(norm_first):
         if norm_first:
             ref.norm.load_state_dict(ours.decoder.norm.state_dict())
     tokens = torch.randint(4, V, (3, 10))
-    x = F.embedding(tokens, ours.embed.weight) * math.sqrt(32) + sinusoidal_table(10, 32).double()  # the buffer is built in float32, then cast
+    # The positions buffer is built in float32, then cast with the model.
+    x = F.embedding(tokens, ours.embed.weight) * math.sqrt(32) + sinusoidal_table(10, 32).double()
     causal = nn.Transformer.generate_square_subsequent_mask(10, dtype=torch.float64)
     expected = ref(x, mask=causal, is_causal=True) @ ours.embed.weight.T
     torch.testing.assert_close(ours(tokens), expected, atol=1e-10, rtol=0)

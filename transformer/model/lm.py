@@ -111,7 +111,9 @@ class TransformerLM(nn.Module):
         if isinstance(self.positions, LearnedPositionalEmbedding):
             limit = self.positions.embedding.num_embeddings
             if prompt.size(1) + max_new_tokens > limit:
-                raise ValueError(f"{prompt.size(1)} prompt + {max_new_tokens} new tokens exceed the {limit} learned positions")
+                raise ValueError(
+                    f"{prompt.size(1)} prompt + {max_new_tokens} new tokens exceed the {limit} learned positions"
+                )
         cache = self.new_cache() if use_cache else None
         tokens, feed = prompt, prompt
         finished = torch.zeros(prompt.size(0), dtype=torch.bool, device=prompt.device)

@@ -110,7 +110,9 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             self_cache = None if cache is None else cache.self_attn[i]
             cross_cache = None if cache is None or not self.cross_attention else cache.cross_attn[i]
-            x, layer_self, layer_cross = layer(x, memory, memory_key_padding_mask, self_cache, cross_cache, need_weights)
+            x, layer_self, layer_cross = layer(
+                x, memory, memory_key_padding_mask, self_cache, cross_cache, need_weights
+            )
             if self_weights is not None:
                 self_weights.append(layer_self)
             if cross_weights is not None and layer_cross is not None:
@@ -174,7 +176,9 @@ class Transformer(nn.Module):
             )
         self.d_model, self.pad_id = d_model, pad_id
         self.src_embed = TokenEmbedding(src_vocab_size, d_model, dropout, pad_id)
-        self.tgt_embed = self.src_embed if share_embeddings else TokenEmbedding(tgt_vocab_size, d_model, dropout, pad_id)
+        self.tgt_embed = (
+            self.src_embed if share_embeddings else TokenEmbedding(tgt_vocab_size, d_model, dropout, pad_id)
+        )
         self.positions = positional_encoding(positional, d_model, max_len)  # one module for both sides
         self.encoder = Encoder(n_encoder_layers, d_model, n_heads, d_ff, dropout, attention_dropout, norm_first,
                                activation)
