@@ -49,7 +49,7 @@ def run(tmp_path_factory) -> Path:
     tokenizer = train_tokenizer(train_texts, TokenizerConfig(vocab_size=100), root / "spm")
     cfg = Config(
         model=ModelConfig(d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=2, dropout=0.0,
-                          max_len=24),
+                          max_len=24, share_embeddings=True),
         data=DataConfig(local_dir=str(data), valid_split="valid", test_split="test"),
         decode=DecodeConfig(beam_size=2, max_len_a=1.0, max_len_b=4),
     )
