@@ -146,7 +146,8 @@ def test_ctranslate2_and_int8_decoders_run_the_same_number_of_steps(tmp_path):
     words = "ein mann eine frau kind hund spielt läuft im park auf der straße".split()
     texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(6)) for i in range(60)]
     tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=V), tmp_path / "spm")
-    cfg = Config(model=ModelConfig(d_model=D, n_heads=H, d_ff=F, n_encoder_layers=1, n_decoder_layers=1, max_len=32))
+    cfg = Config(model=ModelConfig(d_model=D, n_heads=H, d_ff=F, n_encoder_layers=1, n_decoder_layers=1, max_len=32,
+                                   share_embeddings=True))
     setup = bench_decode.Setup(V, [], [], tokenizer)
     src = padded_batch().src
     S = bench_decode.steps_for(src)

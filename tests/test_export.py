@@ -65,7 +65,7 @@ def run(tmp_path_factory, multi30k) -> dict:
     tokenizer = train_tokenizer(multi30k["train"], TokenizerConfig(vocab_size=600), root / "spm")
     cfg = Config(
         model=ModelConfig(d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, dropout=0.0,
-                          max_len=64),
+                          max_len=64, share_embeddings=True),
         data=DataConfig(local_dir=MULTI30K, max_len=20),
         decode=DecodeConfig(beam_size=1, max_len_a=0.0, max_len_b=MAX_TOKENS),
     )
@@ -231,7 +231,7 @@ def one_line_error(exit: pytest.ExceptionInfo, *fragments: str) -> str:
 ])
 def test_unsupported_settings_are_one_line_errors_and_leave_nothing(run, tmp_path, setting, value, named):
     cfg = Config(model=ModelConfig(d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
-                                   max_len=32, **{setting: value}), data=DataConfig(max_len=20))
+                                   max_len=32, share_embeddings=True, **{setting: value}), data=DataConfig(max_len=20))
     tokenizer = run["tokenizer"]
     model = Transformer.from_config(cfg.model, tokenizer.vocab_size, tokenizer.vocab_size, PAD_ID)
     ckpt = tmp_path / "ckpt.pt"
