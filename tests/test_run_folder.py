@@ -186,7 +186,8 @@ def test_a_run_whose_lock_is_taken_stops_without_writing_more(corpus, tmp_path, 
     def validate_while_another_run_takes_the_folder(*args, **kwargs):
         result = validate(*args, **kwargs)
         write_lock(tmp_path)  # the lock deleted by hand and another run started, say
-        deadline = time.monotonic() + 10
+        # Wait for the refresh thread to notice; generous, since a loaded machine can starve it.
+        deadline = time.monotonic() + 120
         while not any("no longer held" in r.getMessage() for r in caught) and time.monotonic() < deadline:
             time.sleep(0.01)
         return result
