@@ -97,10 +97,16 @@ def test_the_permutation_turns_our_sinusoids_into_marians():
 
 def test_marian_encoder_output_and_logits_equal_ours_on_a_padded_batch(run, multi30k, tmp_path):
     # A model as initialised for training (the decoding tests' model has weights large enough that
-    # float32 rounding, the same in both, is amplified past 1e-5).
+    # float32 rounding, the same in both, is amplified past 1e-5), except that every bias and
+    # LayerNorm parameter is moved off its initial 0 or 1: otherwise the permutation of those
+    # vectors would go untested.
     tokenizer, cfg = run["tokenizer"], run["cfg"]
     torch.manual_seed(1)
     model = Transformer.from_config(cfg.model, tokenizer.vocab_size, tokenizer.vocab_size, PAD_ID).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(0.2 * torch.randn_like(parameter))
     ckpt = tmp_path / "init.pt"
     save_checkpoint({"config": config_to_dict(cfg), "model": model.state_dict(),
                      "tokenizers": tokenizer_state(tokenizer, tokenizer)}, ckpt)
