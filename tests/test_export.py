@@ -222,6 +222,15 @@ def test_safetensors_average_exports_and_loads_without_unpickling(run, tmp_path)
     assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
+def test_average_refuses_a_file_name_its_format_could_not_be_loaded_by(run, tmp_path):
+    # Loaders choose torch.load or safetensors by the .safetensors suffix.
+    for name, fmt in (("avg.pt", "safetensors"), ("avg.safetensors", "checkpoint")):
+        with pytest.raises(SystemExit) as exit:
+            average.main(["--inputs", str(run["ckpt"]), "--output", str(tmp_path / name), "--format", fmt])
+        one_line_error(exit, name, ".safetensors")
+    assert os.listdir(tmp_path) == []
+
+
 def one_line_error(exit: pytest.ExceptionInfo, *fragments: str) -> str:
     message = str(exit.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
