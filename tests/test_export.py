@@ -12,7 +12,7 @@ from transformers.models.marian.modeling_marian import MarianSinusoidalPositiona
 from transformer import average, evaluate, export
 from transformer.checkpoint import load_model, save_checkpoint, tokenizer_state
 from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, config_to_dict
-from transformer.ctranslate2_engine import CTranslate2Model
+from transformer.ctranslate2_engine import CTranslate2Model, convert_marian
 from transformer.data import load_split
 from transformer.model import Transformer, sinusoidal_table
 from transformer.search import greedy_search
@@ -202,6 +202,19 @@ def test_evaluate_scores_both_engines_the_same_way(run, tmp_path, capsys):
         results[engine] = json.loads(capsys.readouterr().out)
     assert (tmp_path / "torch.txt").read_text() == (tmp_path / "ctranslate2.txt").read_text()
     assert results["torch"]["bleu"] == results["ctranslate2"]["bleu"]
+
+
+def test_a_ctranslate2_model_that_does_not_load_is_a_one_line_error(run, tmp_path):
+    folder = tmp_path / "ct2"
+    convert_marian(run["hf"], folder)
+    (folder / "model.bin").write_bytes((folder / "model.bin").read_bytes()[:100])  # truncated
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--checkpoint", str(folder), "--engine", "ctranslate2", "--split", "valid", "--device", "cpu"])
+    one_line_error(exit, str(folder), "CTranslate2 cannot load it")
+    (folder / "generation_config.json").unlink()
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--checkpoint", str(folder), "--engine", "ctranslate2", "--split", "valid", "--device", "cpu"])
+    one_line_error(exit, str(folder), "no generation_config.json")
 
 
 def test_safetensors_average_exports_and_loads_without_unpickling(run, tmp_path):
