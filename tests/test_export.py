@@ -24,14 +24,6 @@ MULTI30K = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "multi3
 MAX_TOKENS = 10  # output tokens before EOS, the same limit for every engine
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_model(cfg: Config, vocab_size: int, seed: int = 0) -> Transformer:
     """A random model whose greedy outputs vary from sentence to sentence and end at varied lengths.
 

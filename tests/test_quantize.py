@@ -16,14 +16,6 @@ from transformer.search import beam_search
 from test_cli import run  # noqa: F401 (the tiny run fixture)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def model() -> Transformer:
     torch.manual_seed(0)
     return Transformer(300, 300, d_model=64, n_heads=4, d_ff=128, n_encoder_layers=2, n_decoder_layers=2,
