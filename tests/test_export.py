@@ -185,6 +185,21 @@ def test_ctranslate2_greedy_decoding_gives_our_tokens(run, multi30k, tmp_path):
     assert agree > len(ours) // 2  # int8 weights: mostly the same outputs
 
 
+def test_the_ctranslate2_model_cards_code_translates_as_we_do(run, multi30k, tmp_path, capsys):
+    folder = tmp_path / "ct2"
+    export.main(["--checkpoint", str(run["ckpt"]), "--format", "ctranslate2", "--output", str(folder)])
+    card = (folder / "README.md").read_text()
+    assert "library_name: ctranslate2" in card and "MarianMTModel.from_pretrained" not in card
+    code = card.split("```python\n")[1].split("```")[0]
+    texts = multi30k["de"][:40]
+    capsys.readouterr()
+    exec(code.replace("PATH/TO/THIS/FOLDER", str(folder)).replace('["..."]', repr(texts)), {})
+    # The card's length limit is the generation config's, which is the checkpoint's MAX_TOKENS here.
+    ours = translate_ids(run["model"], source_ids(run["tokenizer"], texts), beam_size=1, max_len_a=0.0,
+                         max_len_b=MAX_TOKENS)
+    assert capsys.readouterr().out == f"{[run['tokenizer'].decode(ids) for ids in ours]}\n"
+
+
 def test_evaluate_scores_both_engines_the_same_way(run, tmp_path, capsys):
     export.main(["--checkpoint", str(run["ckpt"]), "--format", "ctranslate2", "--output", str(tmp_path / "ct2")])
     results = {}

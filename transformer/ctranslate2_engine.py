@@ -72,7 +72,7 @@ def convert_marian(hf_dir: Path, output: Path, quantization: str = "float32") ->
         output: folder to create (must not exist).
         quantization: CTranslate2 weight type (float32, int8, int8_float32, bfloat16).
     """
-    files = [TOKENIZER_FILE, TRAINING_CONFIG, GENERATION_CONFIG, "README.md"]
+    files = [TOKENIZER_FILE, TRAINING_CONFIG, GENERATION_CONFIG]  # the model card is written for the format
     _MarianConverter(str(hf_dir), copy_files=files).convert(str(output), quantization=quantization)
 
 
