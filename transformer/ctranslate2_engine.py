@@ -43,8 +43,8 @@ class _MarianConverter(TransformersConverter):
     def load_model(self, model_class, model_name_or_path, **kwargs):  # noqa: ANN001, ANN201 (CTranslate2's signature)
         # CTranslate2's Marian loader drops the last row of the embeddings, which in Marian models
         # from the Hub is the padding token appended after the vocabulary. Our padding is id 0, so
-        # the loaded model gets one extra row for the
-        # loader to drop.
+        # the loaded model gets one extra row for the loader to drop (CTranslate2 checks that the
+        # embeddings then match the vocabulary, so a loader that stopped dropping it would fail loudly).
         model = super().load_model(model_class, model_name_or_path, **kwargs)
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # not a new token to initialise: the row is dropped
