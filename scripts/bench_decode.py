@@ -133,24 +133,25 @@ def decoders(cfg: Config, setup: Setup, beam_size: int, variants: Sequence[str])
     """
     vocab_size = setup.vocab_size
     runs: dict[str, Callable[[Tensor], float]] = {}
-    folder = None
-    for name in variants:
-        dtype = torch.bfloat16 if "bf16" in name else torch.float32
-        torch.manual_seed(0)
-        if name.startswith("ours"):
-            ours = Transformer.from_config(cfg.model, vocab_size, vocab_size, PAD_ID).eval().to(dtype)
-            if "int8" in name:
-                ours = quantize_int8(ours)
-            runs[name] = lambda src, m=ours, c="no cache" not in name: decode_ours(m, src, beam_size, use_cache=c)
-        elif name.startswith("CT2"):
-            if folder is None:
-                folder = Path(tempfile.mkdtemp(prefix="bench-ct2-"))
-                ct2_model(cfg, setup, Transformer.from_config(cfg.model, vocab_size, vocab_size, PAD_ID), folder)
-            model = CTranslate2Model(folder / "ct2", name.split()[1], threads=torch.get_num_threads())
-            runs[name] = lambda src, m=model: decode_ct2(m, src, beam_size)
-        else:
-            marian = hf_marian(cfg, vocab_size).to(dtype)
-            runs[name] = lambda src, m=marian: decode_hf(m, src, beam_size)
+    with tempfile.TemporaryDirectory(prefix="bench-ct2-") as tmp:  # CTranslate2 keeps the loaded model in memory
+        folder = None
+        for name in variants:
+            dtype = torch.bfloat16 if "bf16" in name else torch.float32
+            torch.manual_seed(0)
+            if name.startswith("ours"):
+                ours = Transformer.from_config(cfg.model, vocab_size, vocab_size, PAD_ID).eval().to(dtype)
+                if "int8" in name:
+                    ours = quantize_int8(ours)
+                runs[name] = lambda src, m=ours, c="no cache" not in name: decode_ours(m, src, beam_size, use_cache=c)
+            elif name.startswith("CT2"):
+                if folder is None:
+                    folder = ct2_model(cfg, setup, Transformer.from_config(cfg.model, vocab_size, vocab_size, PAD_ID),
+                                       Path(tmp))
+                model = CTranslate2Model(folder, name.split()[1], threads=torch.get_num_threads())
+                runs[name] = lambda src, m=model: decode_ct2(m, src, beam_size)
+            else:
+                marian = hf_marian(cfg, vocab_size).to(dtype)
+                runs[name] = lambda src, m=marian: decode_hf(m, src, beam_size)
     return runs
 
 

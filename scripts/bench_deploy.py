@@ -110,8 +110,8 @@ def timed(decoder: Decoder, sources: Sequence[Sequence[int]], beam_size: int, al
 def run_deploy(args: argparse.Namespace) -> dict:
     """Greedy identity check, alphas on validation, then timed beam search on the test set."""
     checkpoint = Path(args.checkpoint)
-    folder = Path(tempfile.mkdtemp(prefix="bench-deploy-"))
-    decoders, family, loaded = build_decoders(checkpoint, folder, torch.get_num_threads())
+    with tempfile.TemporaryDirectory(prefix="bench-deploy-") as folder:  # the exports are loaded into memory
+        decoders, family, loaded = build_decoders(checkpoint, Path(folder), torch.get_num_threads())
     tokenizer = loaded.src_tokenizer
     splits = {split: load_split(loaded.config.data, split) for split in ("valid", "test")}
     sources = {split: source_ids(tokenizer, src[: args.deploy_sentences]) for split, (src, _) in splits.items()}

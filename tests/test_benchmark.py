@@ -2,6 +2,7 @@
 
 import importlib.util
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -153,8 +154,16 @@ def test_ctranslate2_and_int8_decoders_run_the_same_number_of_steps(tmp_path):
     S = bench_decode.steps_for(src)
     folder = bench_decode.ct2_model(cfg, setup, Transformer.from_config(cfg.model, V, V, PAD_ID), tmp_path)
     model = bench_decode.CTranslate2Model(folder, "int8", threads=1)
-    rows = [[model.pieces[t] for t in row if t != PAD_ID] for row in src.tolist()]
-    found = model.translator.translate_batch(rows, beam_size=2, min_decoding_length=S, max_decoding_length=S)
+    translator, found = model.translator, []
+
+    class Recording:  # the benchmark's own call, with the hypotheses it gets
+        def translate_batch(self, *args, **kwargs):
+            found.extend(translator.translate_batch(*args, **kwargs))
+
+    model.translator = Recording()
+    bench_decode.decode_ct2(model, src, beam_size=2)
     assert [len(r.hypotheses[0]) for r in found] == [S] * src.size(0)
+    before = set(Path(tempfile.gettempdir()).glob("bench-ct2-*"))
     runs = bench_decode.decoders(cfg, setup, 2, ["ours (cache, int8)", "CT2 int8"])
     assert all(run(src) > 0 for run in runs.values())
+    assert set(Path(tempfile.gettempdir()).glob("bench-ct2-*")) == before  # the converted model is not left behind

@@ -12,7 +12,7 @@ from transformers.models.marian.modeling_marian import MarianSinusoidalPositiona
 from transformer import average, evaluate, export
 from transformer.checkpoint import load_model, save_checkpoint, tokenizer_state
 from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, config_to_dict
-from transformer.ctranslate2_engine import CTranslate2Model
+from transformer.ctranslate2_engine import CTranslate2Model, convert_marian
 from transformer.data import load_split
 from transformer.model import Transformer, sinusoidal_table
 from transformer.search import greedy_search
@@ -22,14 +22,6 @@ from transformer.translator import source_ids, translate_ids
 # shared/ lies beside the repository, in development and in CI.
 MULTI30K = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k")
 MAX_TOKENS = 10  # output tokens before EOS, the same limit for every engine
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_model(cfg: Config, vocab_size: int, seed: int = 0) -> Transformer:
@@ -97,10 +89,16 @@ def test_the_permutation_turns_our_sinusoids_into_marians():
 
 def test_marian_encoder_output_and_logits_equal_ours_on_a_padded_batch(run, multi30k, tmp_path):
     # A model as initialised for training (the decoding tests' model has weights large enough that
-    # float32 rounding, the same in both, is amplified past 1e-5).
+    # float32 rounding, the same in both, is amplified past 1e-5), except that every bias and
+    # LayerNorm parameter is moved off its initial 0 or 1: otherwise the permutation of those
+    # vectors would go untested.
     tokenizer, cfg = run["tokenizer"], run["cfg"]
     torch.manual_seed(1)
     model = Transformer.from_config(cfg.model, tokenizer.vocab_size, tokenizer.vocab_size, PAD_ID).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(0.2 * torch.randn_like(parameter))
     ckpt = tmp_path / "init.pt"
     save_checkpoint({"config": config_to_dict(cfg), "model": model.state_dict(),
                      "tokenizers": tokenizer_state(tokenizer, tokenizer)}, ckpt)
@@ -187,6 +185,21 @@ def test_ctranslate2_greedy_decoding_gives_our_tokens(run, multi30k, tmp_path):
     assert agree > len(ours) // 2  # int8 weights: mostly the same outputs
 
 
+def test_the_ctranslate2_model_cards_code_translates_as_we_do(run, multi30k, tmp_path, capsys):
+    folder = tmp_path / "ct2"
+    export.main(["--checkpoint", str(run["ckpt"]), "--format", "ctranslate2", "--output", str(folder)])
+    card = (folder / "README.md").read_text()
+    assert "library_name: ctranslate2" in card and "MarianMTModel.from_pretrained" not in card
+    code = card.split("```python\n")[1].split("```")[0]
+    texts = multi30k["de"][:40]
+    capsys.readouterr()
+    exec(code.replace("PATH/TO/THIS/FOLDER", str(folder)).replace('["..."]', repr(texts)), {})
+    # The card's length limit is the generation config's, which is the checkpoint's MAX_TOKENS here.
+    ours = translate_ids(run["model"], source_ids(run["tokenizer"], texts), beam_size=1, max_len_a=0.0,
+                         max_len_b=MAX_TOKENS)
+    assert capsys.readouterr().out == f"{[run['tokenizer'].decode(ids) for ids in ours]}\n"
+
+
 def test_evaluate_scores_both_engines_the_same_way(run, tmp_path, capsys):
     export.main(["--checkpoint", str(run["ckpt"]), "--format", "ctranslate2", "--output", str(tmp_path / "ct2")])
     results = {}
@@ -198,7 +211,20 @@ def test_evaluate_scores_both_engines_the_same_way(run, tmp_path, capsys):
     assert results["torch"]["bleu"] == results["ctranslate2"]["bleu"]
 
 
-def test_safetensors_average_exports_and_loads_without_unpickling(run, tmp_path):
+def test_a_ctranslate2_model_that_does_not_load_is_a_one_line_error(run, tmp_path):
+    folder = tmp_path / "ct2"
+    convert_marian(run["hf"], folder)
+    (folder / "model.bin").write_bytes((folder / "model.bin").read_bytes()[:100])  # truncated
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--checkpoint", str(folder), "--engine", "ctranslate2", "--split", "valid", "--device", "cpu"])
+    one_line_error(exit, str(folder), "CTranslate2 cannot load it")
+    (folder / "generation_config.json").unlink()
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--checkpoint", str(folder), "--engine", "ctranslate2", "--split", "valid", "--device", "cpu"])
+    one_line_error(exit, str(folder), "no generation_config.json")
+
+
+def test_safetensors_average_exports_and_loads_without_unpickling(run, tmp_path, monkeypatch):
     second = tmp_path / "second.pt"
     state = torch.load(run["ckpt"], weights_only=True)
     state["model"] = {k: v * 0.5 for k, v in state["model"].items()}
@@ -206,7 +232,13 @@ def test_safetensors_average_exports_and_loads_without_unpickling(run, tmp_path)
     out = tmp_path / "avg.safetensors"
     average.main(["--inputs", str(run["ckpt"]), str(second), "--output", str(out), "--format", "safetensors"])
     average.main(["--inputs", str(run["ckpt"]), str(second), "--output", str(tmp_path / "avg.pt")])
-    from_safetensors, from_torch = load_model([out]), load_model([tmp_path / "avg.pt"])
+    from_torch = load_model([tmp_path / "avg.pt"])
+
+    def unpickling(*args, **kwargs):
+        raise AssertionError("torch.load called on a safetensors file")
+
+    monkeypatch.setattr(torch, "load", unpickling)
+    from_safetensors = load_model([out])
     for (name, a), b in zip(from_safetensors.model.state_dict().items(), from_torch.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert from_safetensors.src_tokenizer.encode("Ein Hund") == run["tokenizer"].encode("Ein Hund")
@@ -214,6 +246,15 @@ def test_safetensors_average_exports_and_loads_without_unpickling(run, tmp_path)
     assert out.stat().st_size < (tmp_path / "avg.pt").stat().st_size
     export.main(["--checkpoint", str(out), "--format", "hf", "--output", str(tmp_path / "hf")])
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_average_refuses_a_file_name_its_format_could_not_be_loaded_by(run, tmp_path):
+    # Loaders choose torch.load or safetensors by the .safetensors suffix.
+    for name, fmt in (("avg.pt", "safetensors"), ("avg.safetensors", "checkpoint")):
+        with pytest.raises(SystemExit) as exit:
+            average.main(["--inputs", str(run["ckpt"]), "--output", str(tmp_path / name), "--format", fmt])
+        one_line_error(exit, name, ".safetensors")
+    assert os.listdir(tmp_path) == []
 
 
 def one_line_error(exit: pytest.ExceptionInfo, *fragments: str) -> str:

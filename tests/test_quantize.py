@@ -16,14 +16,6 @@ from transformer.search import beam_search
 from test_cli import run  # noqa: F401 (the tiny run fixture)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def model() -> Transformer:
     torch.manual_seed(0)
     return Transformer(300, 300, d_model=64, n_heads=4, d_ff=128, n_encoder_layers=2, n_decoder_layers=2,
@@ -76,13 +68,17 @@ def test_int8_logits_and_beam_search_stay_close_to_float32():
     assert len(found) == 4 and all(h[0].tokens for h in found)
 
 
-def test_evaluate_runs_in_int8_and_refuses_a_quantized_non_float_model(run, capsys):  # noqa: F811
+def test_evaluate_runs_in_int8_and_refuses_a_quantized_non_float_model(run, capsys, monkeypatch):  # noqa: F811
     ckpt = str(run / "checkpoints" / "step_1.pt")
-    results = {}
+    results, int8_calls = {}, {}
+    int8_forward = DynamicInt8Linear.forward
     for precision in ("fp32", "int8"):
+        calls = []
+        monkeypatch.setattr(DynamicInt8Linear, "forward", lambda self, x: calls.append(1) or int8_forward(self, x))
         evaluate.main(["--checkpoint", ckpt, "--json", "--device", "cpu", "--precision", precision, "--beam", "1",
                        "--output", str(run / f"hyp.{precision}.txt")])
-        results[precision] = json.loads(capsys.readouterr().out)
+        results[precision], int8_calls[precision] = json.loads(capsys.readouterr().out), len(calls)
     assert results["int8"]["precision"] == "int8" and results["int8"]["n_sentences"] == results["fp32"]["n_sentences"]
+    assert int8_calls["fp32"] == 0 and int8_calls["int8"] > 0  # the int8 run decodes with the int8 layers
     with pytest.raises(ValueError, match="float32 model on the CPU"):
         quantize_int8(model().to(torch.bfloat16))

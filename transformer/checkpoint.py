@@ -213,8 +213,8 @@ def save_averaged(paths: Sequence[str | Path], output: str | Path, fmt: str = "c
         fmt: "checkpoint" (torch file) or "safetensors" (weights, tokenizers and config only).
 
     Raises:
-        CheckpointError: the inputs cannot be averaged, or `output` is one of them (it would lose the
-            training state that resuming needs).
+        CheckpointError: the inputs cannot be averaged, `output` is one of them (it would lose the
+            training state that resuming needs), or its suffix does not match `fmt`.
         WriteError: `output` is a folder or cannot be written; no temporary file is left.
     """
     output = Path(output)
@@ -224,6 +224,9 @@ def save_averaged(paths: Sequence[str | Path], output: str | Path, fmt: str = "c
             raise CheckpointError(f"{output}: is one of the checkpoints to average; write the average to another file")
     if output.is_dir():
         raise CheckpointError(f"{output}: is a folder; give the averaged checkpoint a file name")
+    if (fmt == "safetensors") != (output.suffix == ".safetensors"):  # loaders pick the reader by the suffix
+        raise CheckpointError(f"{output}: a {fmt} file must {'' if fmt == 'safetensors' else 'not '}be named *.safetensors, "
+                              "or it could not be loaded")
     state = average_checkpoints(paths)
     state.pop("format", None)
     if fmt == "safetensors":

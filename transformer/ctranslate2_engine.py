@@ -23,6 +23,7 @@ import torch
 import transformers
 from ctranslate2.converters import TransformersConverter
 
+from .checkpoint import CheckpointError
 from .config import Config, config_from_dict
 from .data import make_batches
 from .tokenizer import BOS_ID, PAD_ID, Tokenizer
@@ -42,8 +43,8 @@ class _MarianConverter(TransformersConverter):
     def load_model(self, model_class, model_name_or_path, **kwargs):  # noqa: ANN001, ANN201 (CTranslate2's signature)
         # CTranslate2's Marian loader drops the last row of the embeddings, which in Marian models
         # from the Hub is the padding token appended after the vocabulary. Our padding is id 0, so
-        # the loaded model gets one extra row for the
-        # loader to drop.
+        # the loaded model gets one extra row for the loader to drop (CTranslate2 checks that the
+        # embeddings then match the vocabulary, so a loader that stopped dropping it would fail loudly).
         model = super().load_model(model_class, model_name_or_path, **kwargs)
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # not a new token to initialise: the row is dropped
@@ -71,7 +72,7 @@ def convert_marian(hf_dir: Path, output: Path, quantization: str = "float32") ->
         output: folder to create (must not exist).
         quantization: CTranslate2 weight type (float32, int8, int8_float32, bfloat16).
     """
-    files = [TOKENIZER_FILE, TRAINING_CONFIG, GENERATION_CONFIG, "README.md"]
+    files = [TOKENIZER_FILE, TRAINING_CONFIG, GENERATION_CONFIG]  # the model card is written for the format
     _MarianConverter(str(hf_dir), copy_files=files).convert(str(output), quantization=quantization)
 
 
@@ -139,16 +140,22 @@ def load_ctranslate2(folder: str | Path, precision: str | None = None) -> tuple[
 
     Raises:
         FileNotFoundError: a folder that is not such an export.
+        CheckpointError: a model CTranslate2 cannot load, or not with this precision on this CPU.
     """
     import yaml
 
     folder = Path(folder)
-    for name in ("model.bin", TOKENIZER_FILE, TRAINING_CONFIG):
+    for name in ("model.bin", TOKENIZER_FILE, TRAINING_CONFIG, GENERATION_CONFIG):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: not a CTranslate2 export of this package (no {name})")
     config = config_from_dict(yaml.safe_load((folder / TRAINING_CONFIG).read_text(encoding="utf-8")),
                               source=str(folder / TRAINING_CONFIG))
     generation = json.loads((folder / GENERATION_CONFIG).read_text(encoding="utf-8"))
-    model = CTranslate2Model(folder, COMPUTE_TYPES[precision or "auto"])
+    compute_type = COMPUTE_TYPES[precision or "auto"]
+    try:
+        model = CTranslate2Model(folder, compute_type)
+    except (ValueError, RuntimeError) as e:  # e.g. a compute type this CPU lacks, or a damaged model.bin
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{folder}: CTranslate2 cannot load it with compute type {compute_type} ({reason[:200]})") from None
     return model, config, float(generation.get("length_penalty", 1.0))
 

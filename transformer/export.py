@@ -221,8 +221,47 @@ def _run_metrics(checkpoint: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def model_card(config: Config, checkpoints: Sequence[Path], length_penalty: float) -> str:
-    """README.md of the Hugging Face folder: usage, data, config, and the run's validation scores."""
+def _usage(fmt: str, config: Config, length_penalty: float, pieces: Sequence[str]) -> tuple[str, str, str]:
+    """The model card's front-matter library, format name and usage section for `fmt`."""
+    if fmt == "hf":
+        return "transformers", "Marian", """\
+```python
+from transformers import AutoTokenizer, MarianMTModel
+tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
+model = MarianMTModel.from_pretrained("PATH/TO/THIS/FOLDER")
+batch = tokenizer(["..."], return_tensors="pt", padding=True)
+print(tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True))
+```
+
+With Transformers 4.x, `pipeline("translation", model="PATH/TO/THIS/FOLDER")` does the same (Transformers 5
+removed the translation pipeline)."""
+    pad, bos, eos = pieces[PAD_ID], pieces[BOS_ID], pieces[EOS_ID]
+    return "ctranslate2", "CTranslate2", f"""\
+The source is the SentencePiece pieces of each sentence followed by `{eos}`; the output is
+at most as long as Hugging Face's `max_length` allows (the positional table ends there):
+
+```python
+import ctranslate2
+import sentencepiece as spm
+sp = spm.SentencePieceProcessor(model_file="PATH/TO/THIS/FOLDER/source.spm")
+translator = ctranslate2.Translator("PATH/TO/THIS/FOLDER")
+sources = [sp.encode(text, out_type=str) + ["{eos}"] for text in ["..."]]
+results = translator.translate_batch(sources, beam_size={config.decode.beam_size}, length_penalty={length_penalty},
+                                     min_decoding_length=0, max_decoding_length={max_output_length(config) - 2},
+                                     suppress_sequences=[["{pad}"], ["{bos}"]])
+print([sp.decode(result.hypotheses[0]) for result in results])
+```
+
+With the `transformer` package: `transformer-translate --engine ctranslate2 --checkpoint PATH/TO/THIS/FOLDER`."""
+
+
+def model_card(config: Config, checkpoints: Sequence[Path], length_penalty: float, fmt: str = "hf",
+               pieces: Sequence[str] = ()) -> str:
+    """README.md of the exported folder: usage, data, config, and the run's validation scores.
+
+    Args:
+        fmt: "hf" or "ctranslate2" (whose usage needs the tokenizer's `pieces`, by id).
+    """
     data = config.data
     source = data.local_dir if data.hub_name is None else f"{data.hub_name} (Hugging Face datasets)"
     rows = _run_metrics(checkpoints[-1])
@@ -236,8 +275,10 @@ def model_card(config: Config, checkpoints: Sequence[Path], length_penalty: floa
     else:
         scores_text = "No metrics.jsonl was found beside the checkpoint, so no scores are listed."
     averaged = f"the parameter average of {len(checkpoints)} checkpoints" if len(checkpoints) > 1 else "one checkpoint"
+    library, format_name, usage = _usage(fmt, config, length_penalty, pieces)
+    route = "the `MarianMTModel` format" if fmt == "hf" else "the `MarianMTModel` format, then with CTranslate2's converter"
     return f"""---
-library_name: transformers
+library_name: {library}
 pipeline_tag: translation
 language:
 - {data.src_lang}
@@ -247,22 +288,13 @@ tags:
 - marian
 ---
 
-# {data.src_lang} -> {data.tgt_lang} Transformer (Marian format)
+# {data.src_lang} -> {data.tgt_lang} Transformer ({format_name} format)
 
 A Transformer trained with the `transformer` package and exported, from {averaged}
-({", ".join(p.name for p in checkpoints)}), to the `MarianMTModel` format. Its logits are those of
-the original model: the export only renames and permutes the weights.
+({", ".join(p.name for p in checkpoints)}), to {route}. Its logits are those of the original model:
+the export only renames and permutes the weights{"" if fmt == "hf" else " (and CTranslate2 may quantize them)"}.
 
-```python
-from transformers import AutoTokenizer, MarianMTModel
-tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")
-model = MarianMTModel.from_pretrained("PATH/TO/THIS/FOLDER")
-batch = tokenizer(["..."], return_tensors="pt", padding=True)
-print(tokenizer.batch_decode(model.generate(**batch), skip_special_tokens=True))
-```
-
-With Transformers 4.x, `pipeline("translation", model="PATH/TO/THIS/FOLDER")` does the same (Transformers 5
-removed the translation pipeline).
+{usage}
 
 Generation defaults (`generation_config.json`): beam {config.decode.beam_size}, length penalty
 {length_penalty} in Hugging Face's form (log-probability / length^penalty; the training package's
@@ -340,6 +372,9 @@ def export(
             from .ctranslate2_engine import convert_marian
 
             convert_marian(hf_dir, staging / "out", quantization)
+            pieces = [loaded.src_tokenizer.id_to_piece(i) for i in range(loaded.src_tokenizer.vocab_size)]
+            card = model_card(loaded.config, checkpoints, length_penalty, fmt, pieces)
+            (staging / "out" / "README.md").write_text(card, encoding="utf-8")
         if output.exists():
             output.rmdir()  # empty, checked above
         os.replace(staging / "out", output)

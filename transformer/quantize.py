@@ -6,9 +6,9 @@ quantized per call from each batch's range; matmuls accumulate in int32 and resu
 float32. Embeddings, LayerNorms and softmax stay float32.
 
 The kernels are PyTorch's dynamic quantized `Linear` (`torch.ao.nn.quantized.dynamic`, fbgemm on
-x86). torchao is where PyTorch's quantization is maintained now, but its int8 dynamic-activation
-layers run eagerly on the CPU without int8 kernels: measured here on a (64 x 256) @ (256 x 1024) x
-(1024 x 256) feed-forward block, torchao's took 1.17x the float32 time and the fbgemm layers 0.34x.
+x86). torchao is where PyTorch's quantization is maintained now, but without `torch.compile` its
+int8 dynamic-activation layers have no int8 CPU kernel and run slower than float32, where the
+fbgemm layers run faster.
 
 Attention's (3D, D) input projection is used whole by self-attention and in two row blocks by
 cross-attention (W^Q for the queries, W^K and W^V for the memory); a quantized weight cannot be
