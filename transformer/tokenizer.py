@@ -12,9 +12,10 @@ import hashlib
 import json
 import logging
 import os
+import random
 import tempfile
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import sentencepiece as spm
 
@@ -163,6 +164,40 @@ def train_tokenizer(texts: Sequence[str], cfg: TokenizerConfig, model_prefix: st
         minloglevel=2,  # SentencePiece's own progress output would flood the training log
     )
     return Tokenizer.load(f"{model_prefix}.model")
+
+
+# Seed of the sentence sample a tokenizer is trained on: fixed, so that the same corpus and
+# tokenizer.sample_size always give the same vocabulary.
+SAMPLE_SEED = 0
+
+
+def sample_pairs(pairs: Iterable[tuple[str, str]], size: int) -> tuple[list[str], list[str]]:
+    """Draw ``size`` sentence pairs uniformly from a stream, seeded, in one pass (reservoir sampling).
+
+    The kept pairs are returned in corpus order, so a corpus of at most ``size`` pairs (or
+    ``size == 0``) comes back whole and unchanged. Only the sample is held in memory.
+
+    Args:
+        pairs: (source, target) sentences, e.g. a corpus read chunk by chunk.
+        size: pairs to keep; 0 keeps every pair.
+
+    Returns:
+        ``(src_texts, tgt_texts)`` of the sampled pairs.
+    """
+    if size == 0:
+        kept = list(enumerate(pairs))
+    else:
+        rng = random.Random(SAMPLE_SEED)
+        kept = []
+        for i, pair in enumerate(pairs):
+            if i < size:
+                kept.append((i, pair))
+            else:
+                j = rng.randrange(i + 1)
+                if j < size:
+                    kept[j] = (i, pair)
+        kept.sort(key=lambda item: item[0])
+    return [p[0] for _, p in kept], [p[1] for _, p in kept]
 
 
 def _cache_key(cfg: TokenizerConfig, corpora: Sequence[Sequence[str]]) -> str:
