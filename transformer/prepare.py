@@ -448,6 +448,34 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _prepare_child(cfg: Config, errors: Any) -> None:
+    try:
+        prepare(cfg)
+    except (ConfigError, DataError) as e:
+        errors.put(str(e))
+        raise SystemExit(1)
+
+
+def prepare_in_child(cfg: Config) -> None:
+    """Run :func:`prepare` in a forked process and wait for it.
+
+    The sample, SentencePiece's training and the encoding buffers then live and die in that process,
+    so the training process that called this keeps the memory of training alone. The child inherits
+    the logging handlers, so its lines land in the run's log.
+
+    Raises:
+        DataError: what :func:`prepare` raised, or the child's exit status if it died.
+    """
+    context = multiprocessing.get_context("fork")
+    errors = context.SimpleQueue()
+    child = context.Process(target=_prepare_child, args=(cfg, errors), name="transformer-prepare")
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise DataError(errors.get() if not errors.empty() else
+                        f"preparing {cfg.data.prepared_dir} failed (exit status {child.exitcode})")
+
+
 def ensure_prepared(cfg: Config) -> tuple[PreparedData, dict[str, Tokenizer]]:
     """The prepared training data of ``cfg``, prepared first by one process per machine if needed.
 
@@ -472,7 +500,7 @@ def ensure_prepared(cfg: Config) -> tuple[PreparedData, dict[str, Tokenizer]]:
         reason = stale_reason(cfg)
         if reason is not None:
             logger.info("preparing the training data: %s", reason)
-            prepare(cfg)
+            prepare_in_child(cfg)
         else:
             logger.info("using prepared training data in %s", cfg.data.prepared_dir)
         checked = True
