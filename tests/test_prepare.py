@@ -254,3 +254,53 @@ def test_evaluate_prints_the_papers_bleu_next_to_sacrebleu(reference, capsys):
     out = capsys.readouterr().out
     assert "BLEU (standard sacreBLEU, on detokenized text): BLEU = " in out
     assert "BLEU (paper: Moses-tokenized, compounds split, multi-bleu counting): BLEU = " in out
+
+
+@pytest.mark.parametrize("trouble", ["misaligned", "utf8"])
+def test_a_bad_corpus_is_a_one_line_error_naming_the_file_from_the_preparing_child(trouble, corpus, tmp_path):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for name in ("train.de", "train.en", "valid.de", "valid.en"):
+        (data / name).write_bytes((corpus / name).read_bytes())
+    if trouble == "misaligned":
+        with open(data / "train.en", "a", encoding="utf-8") as f:
+            f.write("one more\n")
+        expected = (f"line counts differ: {data / 'train.de'} has 300 lines, {data / 'train.en'} has 301 lines",)
+    else:
+        lines = (data / "train.de").read_bytes().split(b"\n")
+        lines[41] = b"ein \xff hund"
+        (data / "train.de").write_bytes(b"\n".join(lines))
+        expected = (f"{data / 'train.de'}:42: invalid UTF-8 byte",)
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(CONFIG), *prepared(data, tmp_path / "run", tmp_path / "prep")])
+    message = exit.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    assert all(e in message for e in expected), message
+    assert not (tmp_path / "prep").exists()
+
+
+def test_streamed_blocks_split_lines_as_read_lines(tmp_path):
+    from transformer.data import read_lines
+    text = "a\r\n b \n\nü" * 5 + "\u2028x\n\n"
+    path = tmp_path / "f.txt"
+    path.write_text(text, encoding="utf-8")
+    for block_bytes in (1, 3, 7, 1 << 20):
+        got = [line for block in prepare_module._file_blocks(path, block_bytes) for line in block]
+        assert got == read_lines(path), block_bytes
+
+
+def test_the_tokenizer_sample_is_seeded_uniform_in_corpus_order_and_blind_to_chunking():
+    from transformer.tokenizer import sample_pairs
+    src = [f"s{i}" for i in range(20_000)]
+    tgt = [f"t{i}" for i in range(20_000)]
+    assert sample_pairs([(src, tgt)], 0) == (src, tgt)
+    assert sample_pairs([(src[:5], tgt[:5]), (src[5:], tgt[5:])], 20_000) == (src, tgt)
+    whole = sample_pairs([(src, tgt)], 1000)
+    chunked = sample_pairs([(src[i:i + 777], tgt[i:i + 777]) for i in range(0, 20_000, 777)], 1000)
+    assert whole == chunked
+    positions = [int(s[1:]) for s in whole[0]]
+    assert positions == sorted(set(positions)) and len(positions) == 1000
+    assert [f"t{p}" for p in positions] == whole[1]  # pairs stay pairs
+    # Uniform: each tenth of the corpus holds about a tenth of the sample (binomial sd ~9.5).
+    counts = np.bincount(np.array(positions) // 2000, minlength=10)
+    assert counts.min() > 60 and counts.max() < 140, counts

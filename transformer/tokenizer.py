@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import sentencepiece as spm
 
@@ -171,33 +172,43 @@ def train_tokenizer(texts: Sequence[str], cfg: TokenizerConfig, model_prefix: st
 SAMPLE_SEED = 0
 
 
-def sample_pairs(pairs: Iterable[tuple[str, str]], size: int) -> tuple[list[str], list[str]]:
-    """Draw ``size`` sentence pairs uniformly from a stream, seeded, in one pass (reservoir sampling).
+def sample_pairs(chunks: Iterable[tuple[Sequence[str], Sequence[str]]], size: int) -> tuple[list[str], list[str]]:
+    """Draw ``size`` sentence pairs uniformly from a stream of chunks, seeded, in one pass.
 
-    The kept pairs are returned in corpus order, so a corpus of at most ``size`` pairs (or
-    ``size == 0``) comes back whole and unchanged. Only the sample is held in memory.
+    Reservoir sampling with geometric skips (Li's "Algorithm L"): only the sample is held, and the
+    random draws are a few per kept pair, not one per pair read. The kept pairs are returned in corpus
+    order, so a corpus of at most ``size`` pairs (or ``size == 0``) comes back whole and unchanged.
 
     Args:
-        pairs: (source, target) sentences, e.g. a corpus read chunk by chunk.
+        chunks: ``(source sentences, target sentences)`` blocks, e.g. a corpus read chunk by chunk.
         size: pairs to keep; 0 keeps every pair.
 
     Returns:
         ``(src_texts, tgt_texts)`` of the sampled pairs.
     """
-    if size == 0:
-        kept = list(enumerate(pairs))
-    else:
-        rng = random.Random(SAMPLE_SEED)
-        kept = []
-        for i, pair in enumerate(pairs):
-            if i < size:
-                kept.append((i, pair))
-            else:
-                j = rng.randrange(i + 1)
-                if j < size:
-                    kept[j] = (i, pair)
-        kept.sort(key=lambda item: item[0])
-    return [p[0] for _, p in kept], [p[1] for _, p in kept]
+    rng = random.Random(SAMPLE_SEED)
+    src_kept: list[str] = []
+    tgt_kept: list[str] = []
+    where: list[int] = []  # corpus position of each kept pair
+    read = 0
+    weight, next_pick = 0.0, -1  # Algorithm L's state once the reservoir is full
+    for src, tgt in chunks:
+        start, read = read, read + len(src)
+        if size == 0 or len(where) < size:
+            take = len(src) if size == 0 else min(size - len(where), len(src))
+            src_kept += src[:take]
+            tgt_kept += tgt[:take]
+            where += range(start, start + take)
+            if size and len(where) == size and next_pick < 0:
+                weight = math.exp(math.log(1.0 - rng.random()) / size)
+                next_pick = size + int(math.log(1.0 - rng.random()) / math.log(1.0 - weight))
+        while 0 <= next_pick < read:
+            slot = rng.randrange(size)
+            src_kept[slot], tgt_kept[slot], where[slot] = src[next_pick - start], tgt[next_pick - start], next_pick
+            weight *= math.exp(math.log(1.0 - rng.random()) / size)
+            next_pick += int(math.log(1.0 - rng.random()) / math.log(1.0 - weight)) + 1
+    order = sorted(range(len(where)), key=where.__getitem__)
+    return [src_kept[i] for i in order], [tgt_kept[i] for i in order]
 
 
 def _cache_key(cfg: TokenizerConfig, corpora: Sequence[Sequence[str]]) -> str:

@@ -120,7 +120,7 @@ def prepare_data(cfg: Config, run_dir: Path, resume_state: dict | None) -> tuple
             # A resumed run must keep its vocabulary, even if the tokenizer cache was cleared.
             src_tok, tgt_tok = checkpoint_tokenizers(resume_state, cfg.tokenizer.joint, run_dir)
         else:
-            src_tok, tgt_tok = load_or_train_tokenizers(cfg.tokenizer, *sample_pairs(zip(train_src, train_tgt), cfg.tokenizer.sample_size),
+            src_tok, tgt_tok = load_or_train_tokenizers(cfg.tokenizer, *sample_pairs([(train_src, train_tgt)], cfg.tokenizer.sample_size),
                                                         cfg.data.src_lang, cfg.data.tgt_lang)
         train = encode_pairs(train_src, train_tgt, src_tok, tgt_tok, cfg.data.max_len)
     valid_src, valid_tgt = load_split(cfg.data, "valid")
