@@ -4,7 +4,7 @@
     python scripts/benchmark_data.py --corpus data/wmt14_standin --work /tmp/bench
 
 Each measured command runs as its own process while this script samples the memory of it and of
-its children from /proc every 0.1 s (RSS, RssAnon and PSS; PSS counts a page shared by N processes
+its children from /proc every 0.5 s (RSS, RssAnon and PSS; PSS counts a page shared by N processes
 as 1/N in each, so the memory-mapped corpus is not counted once per rank). It reports:
 
 1. ``transformer-prepare`` of the corpus with the WMT14 base config (``tokenizer.vocab_size=37000``):
@@ -12,9 +12,9 @@ as 1/N in each, so the memory-mapped corpus is not counted once per rank). It re
 2. ``transformer-train`` of the README's Multi30k model on the prepared data: seconds from launch to
    the first training step, and peak RssAnon; then the same model on Multi30k (29k pairs) in memory,
    and the ratio of the two peaks;
-3. ``torchrun --nproc_per_node=2`` training on a fresh prepared folder and tokenizer cache: how many
-   tokenizer trainings and prepares the log shows, whether both ranks trained, and each rank's
-   peak RssAnon and PSS against the same bound.
+3. ``torchrun --nproc_per_node=2`` training on the prepared folder (with ``--torchrun-fresh``: on a new
+   folder and tokenizer cache, so that the log shows how many tokenizer trainings and prepares two
+   ranks cause): whether both ranks trained, and each rank's peak RssAnon and PSS against the same bound.
 
 Prints a Markdown table (the one in docs/data.md) and writes it with the raw figures to --work.
 """
@@ -67,7 +67,7 @@ def _children(pid: int) -> list[int]:
 class Monitor:
     """Samples a process tree: per-process peaks, and peaks of the tree's sums."""
 
-    def __init__(self, root: int, interval: float = 0.1) -> None:
+    def __init__(self, root: int, interval: float = 0.5) -> None:
         self.root, self.interval = root, interval
         self.peak: dict[int, dict[str, int]] = {}
         self.parent: dict[int, int] = {}
@@ -148,6 +148,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (prepared data, runs, logs)")
     parser.add_argument("--steps", type=int, default=20, help="training steps of each training run")
     parser.add_argument("--skip", nargs="*", default=[], choices=["prepare", "train", "torchrun"])
+    parser.add_argument("--torchrun-fresh", action="store_true",
+                        help="torchrun prepares a new folder with a new tokenizer cache (shows one prepare for two "
+                             "ranks at full size; costs a second prepare) instead of mapping the one prepared above")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -191,7 +194,9 @@ def main() -> None:
     if "torchrun" not in args.skip:
         r = run([python, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                  "--master_port=29533", "-m", "transformer.train", "--config", "configs/multi30k_de_en.yaml", *wmt,
-                 f"data.prepared_dir={work / 'prepared_ddp'}", f"tokenizer.cache_dir={work / 'tokenizers_ddp'}", *short,
+                 *([f"data.prepared_dir={work / 'prepared_ddp'}", f"tokenizer.cache_dir={work / 'tokenizers_ddp'}"]
+                   if args.torchrun_fresh else [f"data.prepared_dir={work / 'prepared'}",
+                                                f"tokenizer.cache_dir={work / 'tokenizers'}"]), *short,
                  f"train.output_dir={work / 'run_ddp'}"], work / "torchrun.log")
         m = r["monitor"]
         rank_pids = [pid for pid, parent in m.parent.items()
@@ -202,7 +207,7 @@ def main() -> None:
             "ranks_training": r["text"].count(" batches per epoch per rank"),
             "rank_peak_rss_anon_mib": [mib(m.peak[p]["anon"]) for p in rank_pids],
             "rank_peak_pss_mib": [mib(m.peak[p]["pss"]) for p in rank_pids],
-            "seconds": r["seconds"],
+            "seconds": r["seconds"], "fresh": args.torchrun_fresh,
         }
         print(json.dumps(results["torchrun"]), flush=True)
 
@@ -232,7 +237,7 @@ def table(r: dict) -> str:
     if "torchrun" in r:
         t = r["torchrun"]
         rows += [f"| torchrun 2 ranks: tokenizer trainings, prepares, ranks training | {t['tokenizer_trainings']}, "
-                 f"{t['prepares']}, {t['ranks_training']} | 1, 1, 2 |",
+                 f"{t['prepares']}, {t['ranks_training']} | {'1, 1' if t['fresh'] else '0, 0 (prepared above)'}, 2 |",
                  f"| torchrun 2 ranks: peak RssAnon per rank | {' / '.join(f'{x:.0f}' for x in t['rank_peak_rss_anon_mib'])} MiB | "
                  f"1.3x Multi30k |",
                  f"| torchrun 2 ranks: peak PSS per rank | {' / '.join(f'{x:.0f}' for x in t['rank_peak_pss_mib'])} MiB | |"]

@@ -233,7 +233,8 @@ def test_two_nodes_each_preparing_a_copy_train_as_one_process_with_accumulate_2(
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
                    "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
                    "-m", "transformer.train", "--config", str(CONFIG),
-                   *prepared(corpus, tmp_path / "ddp", tmp_path / f"prep{node}", **changes)]
+                   *prepared(corpus, tmp_path / "ddp", tmp_path / f"prep{node}",
+                             tokenizer_cache_dir=tmp_path / f"tokenizers{node}", **changes)]
         nodes.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     for process in nodes:
         _, err = process.communicate(timeout=TIMEOUT)
@@ -304,3 +305,21 @@ def test_the_tokenizer_sample_is_seeded_uniform_in_corpus_order_and_blind_to_chu
     # Uniform: each tenth of the corpus holds about a tenth of the sample (binomial sd ~9.5).
     counts = np.bincount(np.array(positions) // 2000, minlength=10)
     assert counts.min() > 60 and counts.max() < 140, counts
+
+
+def test_a_hub_dataset_is_read_from_arrow_in_batches_and_gives_the_same_folder_as_files(corpus, tmp_path, monkeypatch):
+    import datasets
+    src = (corpus / "train.de").read_text(encoding="utf-8").splitlines()
+    tgt = (corpus / "train.en").read_text(encoding="utf-8").splitlines()
+    table = datasets.Dataset.from_dict({"translation": [{"de": s, "en": t} for s, t in zip(src, tgt)]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: table)
+    monkeypatch.setattr(prepare_module, "CHUNK_PAIRS", 64)  # several Arrow batches
+    files = load_config(CONFIG, prepared(corpus, tmp_path / "run", tmp_path / "files", tokenizer_cache_dir=tmp_path / "tok"))
+    hub = load_config(CONFIG, prepared(tmp_path / "absent", tmp_path / "run", tmp_path / "hub", "data.hub_name=wmt14",
+                                       "data.hub_field=translation", tokenizer_cache_dir=tmp_path / "tokenizers"))
+    prepare_module.prepare(files)
+    prepare_module.prepare(hub)
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("files", "hub")]
+    assert manifests[0]["files"] == manifests[1]["files"]  # two tokenizer trainings, the same bytes
+    assert manifests[1]["inputs"][0]["fingerprint"] == table._fingerprint
+    assert prepare_module.stale_reason(hub) is None

@@ -175,7 +175,8 @@ class Corpus:
         else:
             raise DataError("no data source: set data.local_dir or data.hub_name")
 
-    def chunks(self, size: int = CHUNK_PAIRS) -> Iterator[Chunk]:
+    def chunks(self, size: int | None = None) -> Iterator[Chunk]:
+        size = size or CHUNK_PAIRS
         if self.hub is not None:
             return _hub_chunks(self.cfg, self.hub, size)
         return _local_chunks(self.paths[0], self.paths[1], size)

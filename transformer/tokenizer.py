@@ -9,6 +9,7 @@ into each run directory so that a run is self-contained.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -148,9 +149,12 @@ def train_tokenizer(texts: Sequence[str], cfg: TokenizerConfig, model_prefix: st
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     logger.info("training %s tokenizer (vocab %d) on %d sentences -> %s.model",
                 cfg.type, cfg.vocab_size, len(texts), model_prefix)
+    # The model comes back as bytes rather than through model_prefix, which SentencePiece would
+    # record inside the model: the same texts and settings then give the same file, byte for byte.
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
-        model_prefix=str(model_prefix),
+        model_writer=model,
         model_type=cfg.type,
         vocab_size=cfg.vocab_size,
         character_coverage=cfg.character_coverage,
@@ -164,6 +168,7 @@ def train_tokenizer(texts: Sequence[str], cfg: TokenizerConfig, model_prefix: st
         num_threads=_NUM_THREADS,
         minloglevel=2,  # SentencePiece's own progress output would flood the training log
     )
+    Path(f"{model_prefix}.model").write_bytes(model.getvalue())
     return Tokenizer.load(f"{model_prefix}.model")
 
 
