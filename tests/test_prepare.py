@@ -257,7 +257,7 @@ def test_evaluate_prints_the_papers_bleu_next_to_sacrebleu(reference, capsys):
     assert "BLEU (paper: Moses-tokenized, compounds split, multi-bleu counting): BLEU = " in out
 
 
-@pytest.mark.parametrize("trouble", ["misaligned", "utf8"])
+@pytest.mark.parametrize("trouble", ["misaligned", "utf8", "blank"])
 def test_a_bad_corpus_is_a_one_line_error_naming_the_file_from_the_preparing_child(trouble, corpus, tmp_path):
     data = tmp_path / "corpus"
     data.mkdir()
@@ -267,6 +267,9 @@ def test_a_bad_corpus_is_a_one_line_error_naming_the_file_from_the_preparing_chi
         with open(data / "train.en", "a", encoding="utf-8") as f:
             f.write("one more\n")
         expected = (f"line counts differ: {data / 'train.de'} has 300 lines, {data / 'train.en'} has 301 lines",)
+    elif trouble == "blank":
+        (data / "train.en").write_text("\n" * 300, encoding="utf-8")
+        expected = (f"{data}: every en line sampled from the training split is empty or blank",)
     else:
         lines = (data / "train.de").read_bytes().split(b"\n")
         lines[41] = b"ein \xff hund"

@@ -376,6 +376,11 @@ def prepare(cfg: Config, workers: int | None = None) -> Path:
     # 1. the tokenizer, from a seeded sample of the pairs as read (cleaning them first would double
     # the cost of this pass for a handful of pairs)
     sample_src, sample_tgt = sample_pairs(corpus.chunks(), cfg.tokenizer.sample_size)
+    origin = corpus.paths[0].parent if corpus.paths else d.hub_name
+    for lang, texts in ((d.src_lang, sample_src), (d.tgt_lang, sample_tgt)):
+        if not any(texts):  # lines are stripped: blank ones are empty
+            raise DataError(f"{origin}: every {lang} line sampled from the training split is empty or blank; "
+                            "there is nothing to train the tokenizer and the model on")
     logger.info("tokenizer sample: %d pairs (tokenizer.sample_size %d) in %.0f s",
                 len(sample_src), cfg.tokenizer.sample_size, time.perf_counter() - start)
     src_tok, tgt_tok = load_or_train_tokenizers(cfg.tokenizer, sample_src, sample_tgt, d.src_lang, d.tgt_lang)
@@ -422,7 +427,7 @@ def prepare(cfg: Config, workers: int | None = None) -> Path:
         files = {f"train.{side}.bin": writers[side].close() for side in SIDES}
         n_pairs = counts["kept"]
         if n_pairs == 0:
-            raise DataError(f"{corpus.paths[0] if corpus.paths else d.hub_name}: no training pair left after "
+            raise DataError(f"{origin}: no training pair left after "
                             f"filtering ({dict(counts)})")
         for side in SIDES:
             side_lens = np.concatenate(lengths[side])
