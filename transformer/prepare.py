@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -351,6 +351,25 @@ def stale_reason(cfg: Config, verify_content: bool = True) -> str | None:
     return damaged_file(folder, manifest, verify_content)
 
 
+def _train_tokenizers(cfg: Config, corpus: Corpus) -> tuple[str, str]:
+    """Sample the corpus, train (or find in the cache) the tokenizers; return their model paths."""
+    d = cfg.data
+    start = time.perf_counter()
+    # Sampled from the pairs as read: cleaning them first would double the cost of this pass for a
+    # handful of pairs.
+    sample_src, sample_tgt = sample_pairs(corpus.chunks(), cfg.tokenizer.sample_size)
+    origin = corpus.paths[0].parent if corpus.paths else d.hub_name
+    for lang, texts in ((d.src_lang, sample_src), (d.tgt_lang, sample_tgt)):
+        if not any(texts):  # lines are stripped: blank ones are empty
+            raise DataError(f"{origin}: every {lang} line sampled from the training split is empty or blank; "
+                            "there is nothing to train the tokenizer and the model on")
+    logger.info("tokenizer sample: %d pairs (tokenizer.sample_size %d) in %.0f s",
+                len(sample_src), cfg.tokenizer.sample_size, time.perf_counter() - start)
+    src_tok, tgt_tok = load_or_train_tokenizers(cfg.tokenizer, sample_src, sample_tgt, d.src_lang, d.tgt_lang)
+    logger.info("tokenizers ready; peak RSS of the tokenizer process %.0f MiB", _peak_rss_mib()[0])
+    return str(src_tok.path), str(tgt_tok.path)
+
+
 def prepare(cfg: Config, workers: int | None = None) -> Path:
     """Build ``cfg.data.prepared_dir`` from the training split: sample, tokenizer, ids, manifest.
 
@@ -373,21 +392,15 @@ def prepare(cfg: Config, workers: int | None = None) -> Path:
     rule = CleanRule(d.clean_max_words, d.clean_ratio)
     counts: collections.Counter = collections.Counter()
 
-    # 1. the tokenizer, from a seeded sample of the pairs as read (cleaning them first would double
-    # the cost of this pass for a handful of pairs)
-    sample_src, sample_tgt = sample_pairs(corpus.chunks(), cfg.tokenizer.sample_size)
-    origin = corpus.paths[0].parent if corpus.paths else d.hub_name
-    for lang, texts in ((d.src_lang, sample_src), (d.tgt_lang, sample_tgt)):
-        if not any(texts):  # lines are stripped: blank ones are empty
-            raise DataError(f"{origin}: every {lang} line sampled from the training split is empty or blank; "
-                            "there is nothing to train the tokenizer and the model on")
-    logger.info("tokenizer sample: %d pairs (tokenizer.sample_size %d) in %.0f s",
-                len(sample_src), cfg.tokenizer.sample_size, time.perf_counter() - start)
-    src_tok, tgt_tok = load_or_train_tokenizers(cfg.tokenizer, sample_src, sample_tgt, d.src_lang, d.tgt_lang)
-    del sample_src, sample_tgt
+    # 1. the tokenizer, in a child process: the sample and SentencePiece's training take far more
+    # memory than encoding, and the encoding workers are forked from this process.
+    src_path, tgt_path = run_in_child(_train_tokenizers, cfg, corpus)
+    src_tok = Tokenizer.load(src_path)
+    tgt_tok = src_tok if tgt_path == src_path else Tokenizer.load(tgt_path)
     vocab = max(src_tok.vocab_size, tgt_tok.vocab_size)
     dtype = "<u2" if vocab <= 1 << 16 else "<i4"
 
+    origin = corpus.paths[0].parent if corpus.paths else d.hub_name
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
@@ -457,7 +470,7 @@ def prepare(cfg: Config, workers: int | None = None) -> Path:
     logger.info("prepared %s: read %d pairs; dropped %d by the word-count filter, %d by the ratio filter, "
                 "%d duplicates, %d empty, %d longer than %d tokens; kept %d pairs, %d + %d tokens "
                 "(vocabulary %d, %s); encoding %.0f s with %d workers, total %.0f s; peak RSS %.0f MiB "
-                "(largest worker %.0f MiB)",
+                "(largest child process %.0f MiB)",
                 folder, counts["read"], counts["dropped_clean_long"], counts["dropped_clean_ratio"],
                 counts["dropped_duplicate"], counts["dropped_empty"], counts["dropped_long"], d.max_len, n_pairs,
                 manifest["counts"]["src_tokens"], manifest["counts"]["tgt_tokens"], vocab, dtype,
@@ -483,32 +496,41 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _prepare_child(cfg: Config, errors: Any) -> None:
+def _child_main(results: Any, function: Callable[..., Any], args: tuple) -> None:
     try:
-        prepare(cfg)
+        results.put(function(*args))
     except (ConfigError, DataError) as e:
-        errors.put(str(e))
+        results.put(e)
         raise SystemExit(1)
 
 
-def prepare_in_child(cfg: Config) -> None:
-    """Run :func:`prepare` in a forked process and wait for it.
+def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
+    """Call ``function(*args)`` in a forked process, wait for it and return its (small) result.
 
-    The sample, SentencePiece's training and the encoding buffers then live and die in that process,
-    so the training process that called this keeps the memory of training alone. The child inherits
-    the logging handlers, so its lines land in the run's log.
+    What the call allocates lives and dies in that process, so the caller keeps its own memory; the
+    child inherits the logging handlers, so its lines land in the same log.
 
     Raises:
-        DataError: what :func:`prepare` raised, or the child's exit status if it died.
+        ConfigError, DataError: what ``function`` raised, re-raised here.
+        DataError: the child died without a result (its exit status is named).
     """
     context = multiprocessing.get_context("fork")
-    errors = context.SimpleQueue()
-    child = context.Process(target=_prepare_child, args=(cfg, errors), name="transformer-prepare")
+    results = context.SimpleQueue()
+    child = context.Process(target=_child_main, args=(results, function, args), name="transformer-prepare")
     child.start()
     child.join()
-    if child.exitcode != 0:
-        raise DataError(errors.get() if not errors.empty() else
-                        f"preparing {cfg.data.prepared_dir} failed (exit status {child.exitcode})")
+    if results.empty():
+        raise DataError(f"{getattr(function, '__name__', function)} failed in its process (exit status {child.exitcode})")
+    result = results.get()
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def prepare_in_child(cfg: Config) -> None:
+    """:func:`prepare` in a forked process, so that the training process calling it keeps the memory
+    of training alone."""
+    run_in_child(prepare, cfg)
 
 
 def ensure_prepared(cfg: Config) -> tuple[PreparedData, dict[str, Tokenizer]]:
