@@ -70,6 +70,11 @@ class DataConfig:
     hub_valid_split: str = "validation"  # hub validation split name
     hub_test_split: str = "test"  # hub test split name
     max_len: int = 128  # pairs with more tokens than this on either side are dropped (counted)
+    prepared_dir: str | None = None  # memory-mapped training data written by transformer-prepare; None = encode in memory
+    clean_max_words: int = 0  # drop training pairs with more words than this on a side before encoding; 0 = off
+    clean_ratio: float = 0.0  # drop training pairs whose word counts differ by more than this factor; 0 = off
+    dedup: bool = False  # drop training pairs that repeat an earlier pair exactly
+    prepare_workers: int = 0  # processes encoding the corpus in transformer-prepare; 0 = one per CPU, at most 4
 
 
 @dataclass
@@ -81,6 +86,7 @@ class TokenizerConfig:
     joint: bool = True  # one vocabulary for both languages
     character_coverage: float = 1.0  # fraction of characters covered by the vocabulary
     cache_dir: str = ".cache/tokenizers"  # trained models are cached here, keyed by data + settings
+    sample_size: int = 1000000  # training pairs (both sides) drawn with a fixed seed to train on; 0 = all
 
 
 @dataclass
@@ -254,9 +260,14 @@ def _validate(cfg: Config, source: str) -> None:
         (bool(d.src_lang) and bool(d.tgt_lang), "data.src_lang and data.tgt_lang must be non-empty"),
         (d.src_lang != d.tgt_lang, "data.src_lang and data.tgt_lang must differ"),
         (d.max_len > 0, "data.max_len must be > 0"),
+        (d.prepared_dir != "", "data.prepared_dir must be a folder path or null"),
+        (d.clean_max_words >= 0, "data.clean_max_words must be >= 0"),
+        (d.clean_ratio == 0 or d.clean_ratio >= 1, "data.clean_ratio must be 0 (off) or >= 1"),
+        (d.prepare_workers >= 0, "data.prepare_workers must be >= 0"),
         (t.type in ("bpe", "unigram"), "tokenizer.type must be 'bpe' or 'unigram'"),
         (t.vocab_size >= 100, "tokenizer.vocab_size must be >= 100"),
         (0.0 < t.character_coverage <= 1.0, "tokenizer.character_coverage must be in (0, 1]"),
+        (t.sample_size >= 0, "tokenizer.sample_size must be >= 0"),
         (tr.device == "auto" or tr.device == "cpu" or tr.device == "cuda"
          or (tr.device.startswith("cuda:") and tr.device[5:].isdigit()),
          "train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from transformer.config import DataConfig
@@ -246,12 +247,48 @@ def encode_pairs(
     return data
 
 
-def make_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], max_tokens: int) -> list[list[int]]:
+def bucket_batches(src_lens: np.ndarray | Sequence[int], tgt_lens: np.ndarray | Sequence[int],
+                   max_tokens: int) -> list[np.ndarray]:
     """Group example indices into batches of similar length under a padded-token budget.
 
     Examples are sorted by (target length, source length, index) and cut greedily so that
     ``len(batch) * max(longest source, longest target) <= max_tokens``; an example longer than the
-    budget on its own gets a batch to itself. The result is deterministic.
+    budget on its own gets a batch to itself. The result is deterministic. The sort is an array
+    operation and each batch is a view into one index array, so millions of examples cost a few
+    bytes each.
+
+    Args:
+        src_lens: (N,) padded source length per example (for :class:`ParallelData`: ``data.src_lens``).
+        tgt_lens: (N,) padded target length per example (``data.tgt_lens``, i.e. tokens + 1).
+        max_tokens: budget of padded tokens per side per batch.
+
+    Returns:
+        Batches as int64 index arrays, in increasing length order; every index appears exactly once.
+    """
+    src = np.asarray(src_lens, dtype=np.int64)
+    tgt = np.asarray(tgt_lens, dtype=np.int64)
+    if src.shape != tgt.shape:
+        raise ValueError(f"{len(src)} source lengths but {len(tgt)} target lengths")
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
+    order = np.lexsort((np.arange(len(src)), src, tgt))  # last key sorts first: target, source, index
+    widths = np.maximum(src, tgt)[order].tolist()
+    # The cut is a running maximum that restarts at every cut: sequential, so one pass in Python
+    # over plain ints (about a second per few million examples).
+    starts = [0]
+    width = 0
+    for i, w in enumerate(widths):
+        if w > width:
+            width = w
+        if (i - starts[-1] + 1) * width > max_tokens and i > starts[-1]:
+            starts.append(i)
+            width = w
+    bounds = starts[1:] + [len(widths)] if widths else []
+    return [order[a:b] for a, b in zip(starts, bounds)]
+
+
+def make_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """:func:`bucket_batches` with each batch as a list of ints.
 
     Args:
         src_lens: padded source length per example (for :class:`ParallelData`: ``data.src_lens``).
@@ -261,24 +298,7 @@ def make_batches(src_lens: Sequence[int], tgt_lens: Sequence[int], max_tokens: i
     Returns:
         Batches of indices, in increasing length order; every index appears exactly once.
     """
-    if len(src_lens) != len(tgt_lens):
-        raise ValueError(f"{len(src_lens)} source lengths but {len(tgt_lens)} target lengths")
-    if max_tokens <= 0:
-        raise ValueError(f"max_tokens must be > 0, got {max_tokens}")
-    order = sorted(range(len(src_lens)), key=lambda i: (tgt_lens[i], src_lens[i], i))
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    width = 0  # longest side seen in the current batch
-    for i in order:
-        new_width = max(width, src_lens[i], tgt_lens[i])
-        if batch and (len(batch) + 1) * new_width > max_tokens:
-            batches.append(batch)
-            batch, new_width = [], max(src_lens[i], tgt_lens[i])
-        batch.append(i)
-        width = new_width
-    if batch:
-        batches.append(batch)
-    return batches
+    return [batch.tolist() for batch in bucket_batches(src_lens, tgt_lens, max_tokens)]
 
 
 class BatchSampler:
@@ -289,13 +309,13 @@ class BatchSampler:
     ``world_size``-th shuffled batch, truncated so that all ranks step the same number of times.
 
     Args:
-        batches: batches of example indices, e.g. from :func:`make_batches`.
+        batches: batches of example indices, e.g. from :func:`make_batches` or :func:`bucket_batches`.
         seed: base seed of the shuffle.
         rank: this process's rank in ``[0, world_size)``.
         world_size: number of data-parallel processes.
     """
 
-    def __init__(self, batches: list[list[int]], seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, batches: Sequence[Sequence[int]], seed: int, rank: int = 0, world_size: int = 1) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if len(batches) < world_size:
@@ -309,7 +329,7 @@ class BatchSampler:
         """Batches per epoch on this rank."""
         return len(self.batches) // self.world_size
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
+    def epoch_batches(self, epoch: int) -> list[Sequence[int]]:
         """Return this rank's batches for ``epoch``, in shuffled order.
 
         Args:
@@ -392,13 +412,13 @@ def collate(indices: Sequence[int], data: ParallelData) -> Batch:
     """Pad the examples ``indices`` of ``data`` into a :class:`Batch`.
 
     Args:
-        indices: example indices into ``data`` (not the original text indices).
-        data: encoded pairs.
+        indices: example indices into ``data`` (not the original text indices): a list or an int array.
+        data: encoded pairs (:class:`ParallelData`, or anything with the same ``src``/``tgt`` rows).
 
     Returns:
         The batch; ``tgt_in`` and ``tgt_out`` are the target shifted against each other by one.
     """
-    if not indices:
+    if len(indices) == 0:
         raise ValueError("cannot collate an empty batch")
     src = [data.src[i] for i in indices]
     tgt = [data.tgt[i] for i in indices]

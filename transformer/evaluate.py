@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
+from transformer.bleu import PAPER_LABEL, STANDARD_LABEL, paper_bleu
 from transformer.checkpoint import CheckpointError
 from transformer.data import DataError, read_lines, load_split
 from transformer.cli import add_model_arguments, load_for_decoding, prepare
@@ -97,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="hypothesis file (default: hyp.SPLIT.txt next to the last checkpoint)")
     parser.add_argument("--tokenize", choices=TOKENIZERS, default="13a", help="sacreBLEU tokenizer for BLEU")
     parser.add_argument("--lowercase", action="store_true", help="case-insensitive scores")
+    parser.add_argument("--bleu", choices=("sacrebleu", "paper"), default="sacrebleu",
+                        help="paper: also print BLEU as the paper's WMT14 numbers were computed (Moses-tokenized, "
+                             "compounds split, multi-bleu counting), next to sacreBLEU's")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute the whole prefix at every step instead of using the key/value cache")
@@ -121,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                           decode.max_len_b, decode.batch_tokens, args.tokenize, args.lowercase, device,
                           use_cache=not args.no_cache)
         result["precision"] = decode.precision
+        if args.bleu == "paper":
+            result["paper_bleu"], result["paper_bleu_details"] = paper_bleu(
+                result["hypotheses"], ref_texts, loaded.config.data.tgt_lang)
         output = args.output or Path(args.checkpoint[-1]).parent / f"hyp.{name}.txt"
         output.write_text("".join(h + "\n" for h in result.pop("hypotheses")), encoding="utf-8")
     except (CheckpointError, DataError, OSError) as e:
@@ -129,7 +136,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['bleu_details']}\n  {result['signatures']['bleu']}")
+        label = f"{STANDARD_LABEL}: " if args.bleu == "paper" else ""
+        print(f"{label}{result['bleu_details']}\n  {result['signatures']['bleu']}")
+        if args.bleu == "paper":
+            print(f"{PAPER_LABEL}: {result['paper_bleu_details']}")
         print(f"chrF2 = {result['chrf']:.2f}\n  {result['signatures']['chrf']}")
         print(f"{result['n_sentences']} sentences, beam {result['beam']}, {result['precision']}, {result['seconds']:.1f} s "
               f"({result['sentences_per_second']:.1f} sentences/s)")

@@ -9,9 +9,12 @@ into each run directory so that a run is self-contained.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import math
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -146,9 +149,12 @@ def train_tokenizer(texts: Sequence[str], cfg: TokenizerConfig, model_prefix: st
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     logger.info("training %s tokenizer (vocab %d) on %d sentences -> %s.model",
                 cfg.type, cfg.vocab_size, len(texts), model_prefix)
+    # The model comes back as bytes rather than through model_prefix, which SentencePiece would
+    # record inside the model: the same texts and settings then give the same file, byte for byte.
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),
-        model_prefix=str(model_prefix),
+        model_writer=model,
         model_type=cfg.type,
         vocab_size=cfg.vocab_size,
         character_coverage=cfg.character_coverage,
@@ -162,7 +168,52 @@ def train_tokenizer(texts: Sequence[str], cfg: TokenizerConfig, model_prefix: st
         num_threads=_NUM_THREADS,
         minloglevel=2,  # SentencePiece's own progress output would flood the training log
     )
+    Path(f"{model_prefix}.model").write_bytes(model.getvalue())
     return Tokenizer.load(f"{model_prefix}.model")
+
+
+# Seed of the sentence sample a tokenizer is trained on: fixed, so that the same corpus and
+# tokenizer.sample_size always give the same vocabulary.
+SAMPLE_SEED = 0
+
+
+def sample_pairs(chunks: Iterable[tuple[Sequence[str], Sequence[str]]], size: int) -> tuple[list[str], list[str]]:
+    """Draw ``size`` sentence pairs uniformly from a stream of chunks, seeded, in one pass.
+
+    Reservoir sampling with geometric skips (Li's "Algorithm L"): only the sample is held, and the
+    random draws are a few per kept pair, not one per pair read. The kept pairs are returned in corpus
+    order, so a corpus of at most ``size`` pairs (or ``size == 0``) comes back whole and unchanged.
+
+    Args:
+        chunks: ``(source sentences, target sentences)`` blocks, e.g. a corpus read chunk by chunk.
+        size: pairs to keep; 0 keeps every pair.
+
+    Returns:
+        ``(src_texts, tgt_texts)`` of the sampled pairs.
+    """
+    rng = random.Random(SAMPLE_SEED)
+    src_kept: list[str] = []
+    tgt_kept: list[str] = []
+    where: list[int] = []  # corpus position of each kept pair
+    read = 0
+    weight, next_pick = 0.0, -1  # Algorithm L's state once the reservoir is full
+    for src, tgt in chunks:
+        start, read = read, read + len(src)
+        if size == 0 or len(where) < size:
+            take = len(src) if size == 0 else min(size - len(where), len(src))
+            src_kept += src[:take]
+            tgt_kept += tgt[:take]
+            where += range(start, start + take)
+            if size and len(where) == size and next_pick < 0:
+                weight = math.exp(math.log(1.0 - rng.random()) / size)
+                next_pick = size + int(math.log(1.0 - rng.random()) / math.log(1.0 - weight))
+        while 0 <= next_pick < read:
+            slot = rng.randrange(size)
+            src_kept[slot], tgt_kept[slot], where[slot] = src[next_pick - start], tgt[next_pick - start], next_pick
+            weight *= math.exp(math.log(1.0 - rng.random()) / size)
+            next_pick += int(math.log(1.0 - rng.random()) / math.log(1.0 - weight)) + 1
+    order = sorted(range(len(where)), key=where.__getitem__)
+    return [src_kept[i] for i in order], [tgt_kept[i] for i in order]
 
 
 def _cache_key(cfg: TokenizerConfig, corpora: Sequence[Sequence[str]]) -> str:

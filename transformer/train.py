@@ -34,14 +34,18 @@ from .checkpoint import (
     run_checkpoints, save_averaged, save_checkpoint, tokenizer_state,
 )
 from .config import Config, ConfigError, TrainConfig, config_to_dict, load_config, save_config
-from .data import BatchSampler, DataError, ParallelData, collate, encode_pairs, load_split, make_batches
+from .data import (
+    BatchSampler, DataError, ParallelData, bucket_batches, collate, encode_pairs, load_split, make_batches,
+)
 from .loss import TranslationLoss
 from .model import Transformer
 from .plot import plot_metrics
+from .prepare import ensure_prepared
+from .prepared import PreparedData
 from .run_lock import RunLock, RunLockedError
 from .runtime import resolve_device, resolve_precision, tune_process_for, use_tf32
 from .schedule import cooldown_factor, noam_lr
-from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers, load_or_train_tokenizers
+from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers, load_or_train_tokenizers, sample_pairs
 from .translator import translate
 
 log = logging.getLogger("transformer.train")
@@ -99,16 +103,27 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
-def prepare_data(cfg: Config, run_dir: Path, resume_state: dict | None) -> tuple[Tokenizer, Tokenizer, ParallelData, tuple[list[str], list[str]], ParallelData]:
-    """Load the corpus, get the tokenizers (trained, cached or from the checkpoint) and encode."""
-    train_src, train_tgt = load_split(cfg.data, "train")
-    valid_src, valid_tgt = load_split(cfg.data, "valid")
-    if resume_state is not None:
-        # A resumed run must keep its vocabulary, even if the tokenizer cache was cleared.
-        src_tok, tgt_tok = checkpoint_tokenizers(resume_state, cfg.tokenizer.joint, run_dir)
+def prepare_data(cfg: Config, run_dir: Path, resume_state: dict | None) -> tuple[Tokenizer, Tokenizer, ParallelData | PreparedData, tuple[list[str], list[str]], ParallelData]:
+    """Get the tokenizers and the encoded training pairs (memory-mapped from data.prepared_dir, which
+    is prepared first if needed, or encoded in memory), and load and encode the validation split."""
+    if cfg.data.prepared_dir is not None:
+        train, tokenizers = ensure_prepared(cfg)
+        src_tok, tgt_tok = tokenizers[cfg.data.src_lang], tokenizers[cfg.data.tgt_lang]
+        if resume_state is not None:
+            saved = checkpoint_tokenizers(resume_state, cfg.tokenizer.joint, run_dir)
+            if [t.to_bytes() for t in saved] != [src_tok.to_bytes(), tgt_tok.to_bytes()]:
+                raise DataError(f"{cfg.data.prepared_dir}: its tokenizer is not the one the run was trained with "
+                                "(the folder was prepared again with other data or settings)")
     else:
-        src_tok, tgt_tok = load_or_train_tokenizers(cfg.tokenizer, train_src, train_tgt, cfg.data.src_lang, cfg.data.tgt_lang)
-    train = encode_pairs(train_src, train_tgt, src_tok, tgt_tok, cfg.data.max_len)
+        train_src, train_tgt = load_split(cfg.data, "train")
+        if resume_state is not None:
+            # A resumed run must keep its vocabulary, even if the tokenizer cache was cleared.
+            src_tok, tgt_tok = checkpoint_tokenizers(resume_state, cfg.tokenizer.joint, run_dir)
+        else:
+            src_tok, tgt_tok = load_or_train_tokenizers(cfg.tokenizer, *sample_pairs([(train_src, train_tgt)], cfg.tokenizer.sample_size),
+                                                        cfg.data.src_lang, cfg.data.tgt_lang)
+        train = encode_pairs(train_src, train_tgt, src_tok, tgt_tok, cfg.data.max_len)
+    valid_src, valid_tgt = load_split(cfg.data, "valid")
     valid = encode_pairs(valid_src, valid_tgt, src_tok, tgt_tok, cfg.data.max_len, drop=False)
     return src_tok, tgt_tok, train, (valid_src, valid_tgt), valid
 
@@ -476,7 +491,7 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
 
     torch.manual_seed(tc.seed)
     src_tok, tgt_tok, train_data, valid_text, valid = prepare_data(cfg, run_dir, resume_state)
-    batches = make_batches(train_data.src_lens, train_data.tgt_lens, tc.max_tokens)
+    batches = bucket_batches(train_data.src_lens, train_data.tgt_lens, tc.max_tokens)
     sampler = BatchSampler(batches, tc.seed, rank, world_size)
     if resume_state is not None and (done := stop_reason(tc, Position(**resume_state["position"]), len(sampler))):
         final = run_dir / "checkpoints" / "final.pt"
