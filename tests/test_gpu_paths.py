@@ -14,7 +14,9 @@ the operations that would make the host wait for a GPU:
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -476,3 +478,30 @@ def test_validation_sharded_over_two_ranks_gives_the_single_process_result(corpu
     sharded = train_module.validate(*args, Rank0With(rank1))
     assert sharded["valid_bleu"] == single["valid_bleu"]
     assert sharded["valid_loss"] == pytest.approx(single["valid_loss"], rel=1e-6)
+
+
+def test_a_non_finite_step_on_one_rank_is_skipped_by_both_ranks_of_a_real_torchrun(corpus, tmp_path):
+    """Two gloo ranks with a real GradScaler: rank 1 alone has a NaN loss at step 2 and an
+    infinite gradient (finite loss) at step 4. Both ranks must take the same branches through the
+    same collectives (no hang, no error), skip both updates, lower the scale twice and end with
+    identical parameters."""
+    from test_train import ROOT, free_port, run_module
+    record_dir = tmp_path / "record"
+    record_dir.mkdir()
+    changes = {"train_max_steps": 5, "train_eval_every": 1000, "train_save_every": 1000,
+               "train_eval_bleu_sentences": 0, "train_keep_last": 1, "train_average_last": 1}
+    done = run_module("torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                      f"--master_port={free_port()}", str(ROOT / "tests" / "ddp_fault_worker.py"),
+                      "--config", str(CONFIG), *overrides(corpus, tmp_path / "run", **changes),
+                      env={**os.environ, "FAULT_RECORD_DIR": str(record_dir)})
+    assert done.returncode == 0, done.stderr[-5000:]
+    ranks = [json.loads((record_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # same decisions, same scale, same parameters after every step
+    assert [s["finite"] for s in ranks[0]] == [True, False, True, True, True]  # step 4 is the scaler's skip
+    assert [s["scale"] for s in ranks[0]] == [2.0**10, 2.0**9, 2.0**9, 2.0**8, 2.0**8]
+    checksums = [s["checksum"] for s in ranks[0]]
+    assert all(math.isfinite(c) for c in checksums)
+    assert checksums[1] == checksums[0] and checksums[3] == checksums[2]  # skipped: nothing moved
+    assert len(set(checksums[::2])) == 3  # steps 1, 3 and 5 updated
+    state = load_checkpoint(run_checkpoints(tmp_path / "run")[-1])
+    assert state["optimizer"]["state"][0]["step"].item() == 3
