@@ -489,7 +489,8 @@ def test_a_non_finite_step_on_one_rank_is_skipped_by_both_ranks_of_a_real_torchr
     record_dir = tmp_path / "record"
     record_dir.mkdir()
     changes = {"train_max_steps": 5, "train_eval_every": 1000, "train_save_every": 1000,
-               "train_eval_bleu_sentences": 0, "train_keep_last": 1, "train_average_last": 1}
+               "train_eval_bleu_sentences": 20, "train_max_tokens": 120, "train_keep_last": 1,
+               "train_average_last": 1}
     done = run_module("torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                       f"--master_port={free_port()}", str(ROOT / "tests" / "ddp_fault_worker.py"),
                       "--config", str(CONFIG), *overrides(corpus, tmp_path / "run", **changes),
@@ -506,3 +507,17 @@ def test_a_non_finite_step_on_one_rank_is_skipped_by_both_ranks_of_a_real_torchr
     assert len(set(checksums[::2])) == 3  # steps 1, 3 and 5 updated
     state = load_checkpoint(run_checkpoints(tmp_path / "run")[-1])
     assert state["optimizer"]["state"][0]["step"].item() == 3
+
+    # The final validation, sharded over the two ranks through real collectives, equals one
+    # process validating the same weights (the step-5 checkpoint) alone.
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sharded = next(r for r in rows if r["step"] == 5 and "valid_loss" in r)
+    cfg = load_config(CONFIG, overrides(corpus, tmp_path / "single", **changes))
+    src_tok, tgt_tok, _, valid_text, valid = train_module.prepare_data(cfg, tmp_path / "single", None)
+    from transformer.model import Transformer
+    model = Transformer.from_config(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, PAD_ID)
+    model.load_state_dict(state["model"])
+    single = train_module.validate(cfg, model, TranslationLoss(model, cfg.train.label_smoothing), valid, valid_text,
+                                   src_tok, tgt_tok, torch.device("cpu"))
+    assert sharded["valid_bleu"] == single["valid_bleu"]
+    assert sharded["valid_loss"] == pytest.approx(single["valid_loss"], rel=1e-9)
