@@ -419,6 +419,26 @@ def test_the_loss_with_host_positions_equals_the_loss_finding_them():
     assert torch.equal(given, found)
 
 
+@pytest.mark.parametrize("sources", [[[5, 6, 3], [7, 3], [8, 9, 10, 3]], [[5, 6, 3], [7, 8, 3], [9, 10, 3]]],
+                         ids=["source padding", "no source padding"])
+def test_a_batch_with_its_positions_trains_without_a_host_read(monkeypatch, sources):
+    """Forward and backward of the loss on a batch from `collate`, loss on its device path: no
+    read at all, whether or not the sources are padded (a third of Multi30k's batches are not)."""
+    monkeypatch.setattr(loss_module, "rows_found_on_host", lambda device: False)
+    model = random_model(5, dtype=torch.float32).train()
+    data = ParallelData(src=sources, tgt=[[4], [5, 6, 7], [8, 9]], indices=[0, 1, 2])
+    batch = collate([0, 1, 2], data)
+    loss_fn = TranslationLoss(model, 0.1)
+    torch.manual_seed(1)
+    with HostReads() as reads:
+        given = loss_fn(batch.src, batch.tgt_in, batch.tgt_out, batch.src_index, batch.tgt_index)
+        given.backward()
+    assert reads.counts == Counter()
+    torch.manual_seed(1)
+    found = loss_fn(batch.src, batch.tgt_in, batch.tgt_out)
+    assert torch.equal(given, found)
+
+
 def test_the_device_path_of_the_loss_fixes_underflowed_rows_like_the_host_path(monkeypatch):
     torch.manual_seed(0)
     logits = torch.randn(6, 50) * 3
