@@ -14,7 +14,9 @@ the operations that would make the host wait for a GPU:
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -417,6 +419,26 @@ def test_the_loss_with_host_positions_equals_the_loss_finding_them():
     assert torch.equal(given, found)
 
 
+@pytest.mark.parametrize("sources", [[[5, 6, 3], [7, 3], [8, 9, 10, 3]], [[5, 6, 3], [7, 8, 3], [9, 10, 3]]],
+                         ids=["source padding", "no source padding"])
+def test_a_batch_with_its_positions_trains_without_a_host_read(monkeypatch, sources):
+    """Forward and backward of the loss on a batch from `collate`, loss on its device path: no
+    read at all, whether or not the sources are padded (a third of Multi30k's batches are not)."""
+    monkeypatch.setattr(loss_module, "rows_found_on_host", lambda device: False)
+    model = random_model(5, dtype=torch.float32).train()
+    data = ParallelData(src=sources, tgt=[[4], [5, 6, 7], [8, 9]], indices=[0, 1, 2])
+    batch = collate([0, 1, 2], data)
+    loss_fn = TranslationLoss(model, 0.1)
+    torch.manual_seed(1)
+    with HostReads() as reads:
+        given = loss_fn(batch.src, batch.tgt_in, batch.tgt_out, batch.src_index, batch.tgt_index)
+        given.backward()
+    assert reads.counts == Counter()
+    torch.manual_seed(1)
+    found = loss_fn(batch.src, batch.tgt_in, batch.tgt_out)
+    assert torch.equal(given, found)
+
+
 def test_the_device_path_of_the_loss_fixes_underflowed_rows_like_the_host_path(monkeypatch):
     torch.manual_seed(0)
     logits = torch.randn(6, 50) * 3
@@ -476,3 +498,46 @@ def test_validation_sharded_over_two_ranks_gives_the_single_process_result(corpu
     sharded = train_module.validate(*args, Rank0With(rank1))
     assert sharded["valid_bleu"] == single["valid_bleu"]
     assert sharded["valid_loss"] == pytest.approx(single["valid_loss"], rel=1e-6)
+
+
+def test_a_non_finite_step_on_one_rank_is_skipped_by_both_ranks_of_a_real_torchrun(corpus, tmp_path):
+    """Two gloo ranks with a real GradScaler: rank 1 alone has a NaN loss at step 2 and an
+    infinite gradient (finite loss) at step 4. Both ranks must take the same branches through the
+    same collectives (no hang, no error), skip both updates, lower the scale twice and end with
+    identical parameters."""
+    from test_train import ROOT, free_port, run_module
+    record_dir = tmp_path / "record"
+    record_dir.mkdir()
+    changes = {"train_max_steps": 5, "train_eval_every": 1000, "train_save_every": 1000,
+               "train_eval_bleu_sentences": 20, "train_max_tokens": 120, "train_keep_last": 1,
+               "train_average_last": 1}
+    done = run_module("torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                      f"--master_port={free_port()}", str(ROOT / "tests" / "ddp_fault_worker.py"),
+                      "--config", str(CONFIG), *overrides(corpus, tmp_path / "run", **changes),
+                      env={**os.environ, "FAULT_RECORD_DIR": str(record_dir)})
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "broadcast_buffers" not in done.stderr  # DDP is built without its deprecated argument
+    ranks = [json.loads((record_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # same decisions, same scale, same parameters after every step
+    assert [s["finite"] for s in ranks[0]] == [True, False, True, True, True]  # step 4 is the scaler's skip
+    assert [s["scale"] for s in ranks[0]] == [2.0**10, 2.0**9, 2.0**9, 2.0**8, 2.0**8]
+    checksums = [s["checksum"] for s in ranks[0]]
+    assert all(math.isfinite(c) for c in checksums)
+    assert checksums[1] == checksums[0] and checksums[3] == checksums[2]  # skipped: nothing moved
+    assert len(set(checksums[::2])) == 3  # steps 1, 3 and 5 updated
+    state = load_checkpoint(run_checkpoints(tmp_path / "run")[-1])
+    assert state["optimizer"]["state"][0]["step"].item() == 3
+
+    # The final validation, sharded over the two ranks through real collectives, equals one
+    # process validating the same weights (the step-5 checkpoint) alone.
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sharded = next(r for r in rows if r["step"] == 5 and "valid_loss" in r)
+    cfg = load_config(CONFIG, overrides(corpus, tmp_path / "single", **changes))
+    src_tok, tgt_tok, _, valid_text, valid = train_module.prepare_data(cfg, tmp_path / "single", None)
+    from transformer.model import Transformer
+    model = Transformer.from_config(cfg.model, src_tok.vocab_size, tgt_tok.vocab_size, PAD_ID)
+    model.load_state_dict(state["model"])
+    single = train_module.validate(cfg, model, TranslationLoss(model, cfg.train.label_smoothing), valid, valid_text,
+                                   src_tok, tgt_tok, torch.device("cpu"))
+    assert sharded["valid_bleu"] == single["valid_bleu"]
+    assert sharded["valid_loss"] == pytest.approx(single["valid_loss"], rel=1e-9)

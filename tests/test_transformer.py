@@ -110,6 +110,19 @@ def test_embeddings_are_shared_and_tied():
         Transformer(50, 60, share_embeddings=True)
 
 
+@pytest.mark.parametrize("share_embeddings", [False, True])
+def test_the_same_seed_gives_the_same_initial_weights(share_embeddings):
+    """Several models built in one process (at different memory addresses) from one seed."""
+    states = []
+    for _ in range(6):
+        torch.manual_seed(0)
+        model = Transformer(20, 20, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
+                            share_embeddings=share_embeddings, tie_output=False)
+        states.append(model.state_dict())
+    for state in states[1:]:
+        assert all(torch.equal(state[k], states[0][k]) for k in state)
+
+
 def test_attention_maps_are_distributions():
     model = tiny()
     src, tgt = batch()

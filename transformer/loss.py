@@ -104,7 +104,8 @@ class TranslationLoss(nn.Module):
         """Args:
             src: (B, S) source ids; tgt_in, tgt_out: (B, T) decoder inputs and labels.
             src_index: optional (N_src,) positions of the real source tokens in the flattened
-                (B * S) `src` (None: found from `src` if it has padding).
+                (B * S) `src`. None: found from `src` if it has padding; but if `tgt_index` is
+                given, None means that `src` has no padding (as in `data.Batch`).
             tgt_index: optional (N,) positions of the labels in the flattened (B * T) `tgt_out`
                 (None: found from `tgt_out`). Given, as `data.Batch` carries them, nothing here
                 reads a device tensor on the host, so a GPU never waits for it.
@@ -112,7 +113,12 @@ class TranslationLoss(nn.Module):
         Returns:
             the summed loss (scalar, float32).
         """
-        layout = None if src_index is None else TokenLayout(src_index, src.size(0), src.size(1))
+        if src_index is not None:
+            layout = TokenLayout(src_index, src.size(0), src.size(1))
+        elif tgt_index is not None:  # positions from the host, and no source padding among them
+            layout = TokenLayout.dense(src.size(0), src.size(1), src.device)
+        else:
+            layout = None
         memory = self.model.encode(src, layout)
         hidden = self.model.decode_hidden(tgt_in, memory, self.model.padding_mask(src))  # (B, T, D)
         if tgt_index is None:

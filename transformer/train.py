@@ -516,10 +516,11 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
     loss_fn = TranslationLoss(model, tc.label_smoothing)
     trainer: nn.Module = loss_fn
     if world_size > 1:
-        # No buffer broadcast: the only buffer, the sinusoidal table, is a function of its size, and
-        # a broadcast at every forward would cost time and fail once one rank had grown its table.
+        # No buffer broadcast at each forward: the only buffer, the sinusoidal table, is a function
+        # of its size, and a broadcast would cost time and fail once one rank had grown its table.
+        # (`forward_sync_buffers` replaces the deprecated `broadcast_buffers`, which warns on every rank.)
         trainer = nn.parallel.DistributedDataParallel(
-            loss_fn, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            loss_fn, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
         )
     # fused: one kernel over all parameters, several times faster on the CPU than the default
     # (foreach) step.

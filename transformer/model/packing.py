@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -31,10 +32,20 @@ class TokenLayout:
         B, L = key_padding_mask.shape
         return cls(key_padding_mask.logical_not().flatten().nonzero().squeeze(1), B, L)
 
+    @classmethod
+    def dense(cls, batch_size: int, length: int, device: torch.device | str | None = None) -> "TokenLayout":
+        """The layout of a (B, L) batch without padding, built without reading any tensor."""
+        return cls(torch.arange(batch_size * length, device=device), batch_size, length)
+
     @property
     def n_tokens(self) -> int:
         """N, the real tokens."""
         return self.index.numel()
+
+    @property
+    def is_dense(self) -> bool:
+        """Whether every position is a real token (no padding, nothing to pack); known on the host."""
+        return self.n_tokens == self.batch_size * self.length
 
     def pack(self, x: Tensor) -> Tensor:
         """(B, L, ...) -> (N, ...): the real positions."""

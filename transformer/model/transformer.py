@@ -46,11 +46,14 @@ class Encoder(nn.Module):
         With padding, the layers run on the real tokens only (see `TokenLayout`), and the output is
         zero at padding positions. The layout is found from the mask, which reads the mask on the
         host (a wait for a GPU), unless the caller gives it: `layout`, the real tokens of this
-        mask, as training's batches carry it from the host. If `weights` is a list, each layer's
-        self-attention weights (B, H, S, S) are appended to it.
+        mask, as training's batches carry it from the host (a dense one for a batch without
+        padding, which then runs unpacked). If `weights` is a list, each layer's self-attention
+        weights (B, H, S, S) are appended to it.
         """
         if layout is None and key_padding_mask is not None and bool(key_padding_mask.any()):
             layout = TokenLayout.from_padding_mask(key_padding_mask)
+        if layout is not None and layout.is_dense:
+            layout = None
         if layout is not None:
             x = layout.pack(x)
         for layer in self.layers:
