@@ -7,7 +7,8 @@ Each measured command runs as its own process while this script samples the memo
 its children from /proc every 0.5 s (RSS, RssAnon and PSS; PSS counts a page shared by N processes
 as 1/N in each, so the memory-mapped corpus is not counted once per rank). It reports:
 
-1. ``transformer-prepare`` of the corpus with the WMT14 base config (``tokenizer.vocab_size=37000``):
+1. ``transformer-prepare`` of the corpus with the WMT14 base config (``tokenizer.vocab_size`` from
+   ``--vocab-size``, 37000 by default):
    wall time and the peak RSS/PSS of the whole process tree (the encoding workers included);
 2. ``transformer-train`` of the README's Multi30k model on the prepared data: seconds from launch to
    the first training step, and peak RssAnon; then the same model on Multi30k (29k pairs) in memory,
@@ -148,6 +149,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (prepared data, runs, logs)")
     parser.add_argument("--steps", type=int, default=20, help="training steps of each training run")
     parser.add_argument("--skip", nargs="*", default=[], choices=["prepare", "train", "torchrun"])
+    parser.add_argument("--vocab-size", type=int, default=37000,
+                        help="tokenizer.vocab_size of the prepared corpus; 8000 (Multi30k's) compares training memory "
+                             "of the two corpora with the same model")
     parser.add_argument("--torchrun-fresh", action="store_true",
                         help="torchrun prepares a new folder with a new tokenizer cache (shows one prepare for two "
                              "ranks at full size; costs a second prepare) instead of mapping the one prepared above")
@@ -158,7 +162,8 @@ def main() -> None:
     standin = [f"data.local_dir={args.corpus.resolve()}", "data.hub_name=null", "data.src_lang=en", "data.tgt_lang=de",
                "data.train_split=train", "data.valid_split=val", "data.test_split=test_2016_flickr"]
     # The WMT14 base config's data settings, so that every run below finds the same prepared folder up to date.
-    wmt = [*standin, "data.max_len=256", "data.clean_max_words=250", "data.clean_ratio=9", "tokenizer.vocab_size=37000"]
+    wmt = [*standin, "data.max_len=256", "data.clean_max_words=250", "data.clean_ratio=9",
+           f"tokenizer.vocab_size={args.vocab_size}"]
     # The README's Multi30k model, a short run: the training memory without decoding for validation BLEU.
     short = [f"train.max_steps={args.steps}", "train.log_every=1", "train.eval_every=100000", "train.save_every=100000",
              "train.eval_bleu_sentences=0", "train.average_last=1", "train.keep_last=1", "train.max_minutes=0"]
