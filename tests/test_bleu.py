@@ -1,4 +1,4 @@
-"""The paper's BLEU flavour (tensor2tensor's get_ende_bleu.sh) on sentences worked out by hand."""
+"""The paper's BLEU flavour (tensor2tensor's get_ende_bleu.sh) and Multi30k's, on sentences worked out by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 from sacrebleu.metrics import BLEU
 
-from transformer.bleu import paper_bleu, paper_tokenize, split_compounds
+from transformer.bleu import multi30k_bleu, multi30k_tokenize, paper_bleu, paper_tokenize, split_compounds
 
 
 def test_compounds_are_split_as_the_perl_one_liner_splits_them():
@@ -43,6 +43,25 @@ def test_no_smoothing_a_missing_order_of_ngrams_gives_zero_as_multi_bleu():
     assert score == 0.0
 
 
-def test_mismatched_lengths_are_refused():
+@pytest.mark.parametrize("flavour", [paper_bleu, multi30k_bleu])
+def test_mismatched_lengths_are_refused(flavour):
     with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
-        paper_bleu(["a", "b"], ["a"], "en")
+        flavour(["a", "b"], ["a"], "en")
+
+
+def test_multi30k_tokenization_lowercases_normalises_quotes_and_keeps_compounds():
+    assert multi30k_tokenize(["Ein Mann sagt „Hallo“ – zum Hund-Besitzer."], "de") == [
+        'ein mann sagt " hallo " - zum hund-besitzer .']
+    assert multi30k_tokenize(["A man's dog."], "en") == ["a man 's dog ."]
+
+
+def test_multi30k_bleu_ignores_case_and_quote_style_but_not_compounds():
+    score, _ = multi30k_bleu(["Der Mann sagt „Hallo“ laut."], ['der mann sagt "hallo" laut.'], "de")
+    assert score == pytest.approx(100.0, abs=1e-9)
+    # Tokens: der hund-besitzer läuft|rennt . -> matches 3/4, 1/3, 0/2: unsmoothed, so 0, where the
+    # paper's WMT14 flavour, splitting the compound, gives partial credit.
+    score, _ = multi30k_bleu(["Der Hund-Besitzer läuft."], ["Der Hund-Besitzer rennt."], "de")
+    assert score == 0.0
+    # 7 tokens each, one wrong: 6/7, 4/6, 2/5, 1/4.
+    score, _ = multi30k_bleu(["Ein Hund rennt über die Wiese."], ["ein HUND läuft über die Wiese ."], "de")
+    assert score == pytest.approx(100 * (6 / 7 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25, abs=1e-9)

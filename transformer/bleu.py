@@ -1,4 +1,4 @@
-"""BLEU the way the paper's WMT14 numbers were computed, beside standard sacreBLEU.
+"""BLEU the way papers computed it, beside standard sacreBLEU: the paper's WMT14 flavour and Multi30k's.
 
 The paper's 27.3/28.4 (and most papers of its time) are not sacreBLEU scores: tensor2tensor's
 ``get_ende_bleu.sh`` Moses-tokenizes hypotheses and references (``tokenizer.perl -l de``), splits
@@ -7,6 +7,11 @@ counts with ``multi-bleu.perl``: case-sensitive, on those tokens, without smooth
 compounds gives partial credit for half of a compound, so this flavour is usually higher than
 sacreBLEU's detokenized 13a score on the same output. Here ``sacremoses`` (a Python port of the
 Moses tokenizer) tokenizes and sacreBLEU counts, with its own tokenization switched off.
+
+Multi30k results (e.g. the text-only baselines of multimodal translation papers) are scored on the
+dataset's customary preprocessing instead: lowercased, punctuation-normalised
+(``normalize-punctuation.perl``) and Moses-tokenized text, counted by fairseq's or ``multi-bleu.perl``'s
+tokenized BLEU, without compound splitting.
 
 This module imports nothing from the rest of the package.
 """
@@ -17,12 +22,13 @@ import re
 from typing import Sequence
 
 from sacrebleu.metrics import BLEU
-from sacremoses import MosesTokenizer
+from sacremoses import MosesPunctNormalizer, MosesTokenizer
 
 # perl -ple 's{(\S)-(\S)}{$1 ##AT##-##AT## $2}g': non-overlapping, left to right, like re.sub.
 _COMPOUND = re.compile(r"(\S)-(\S)")
 
 PAPER_LABEL = "BLEU (paper: Moses-tokenized, compounds split, multi-bleu counting)"
+MULTI30K_LABEL = "BLEU (Multi30k papers: lowercased, punctuation-normalised, Moses-tokenized)"
 STANDARD_LABEL = "BLEU (standard sacreBLEU, on detokenized text)"
 
 
@@ -64,4 +70,40 @@ def paper_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: str) 
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     bleu = BLEU(tokenize="none", smooth_method="none", force=True)  # multi-bleu.perl: no smoothing
     score = bleu.corpus_score(paper_tokenize(hypotheses, lang), [paper_tokenize(references, lang)])
+    return score.score, str(score)
+
+
+def multi30k_tokenize(texts: Sequence[str], lang: str) -> list[str]:
+    """Lowercase, normalise punctuation and Moses-tokenize, as Multi30k's preprocessing scripts do.
+
+    Args:
+        texts: detokenized sentences.
+        lang: language code of the sentences.
+
+    Returns:
+        Space-separated lowercase tokens per sentence.
+    """
+    normalizer, tokenizer = MosesPunctNormalizer(lang=lang), MosesTokenizer(lang=lang)
+    return [tokenizer.tokenize(normalizer.normalize(text.lower()), return_str=True, escape=False) for text in texts]
+
+
+def multi30k_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: str) -> tuple[float, str]:
+    """Corpus BLEU as Multi30k papers report it: tokenized, lowercased, unsmoothed counting.
+
+    Args:
+        hypotheses: detokenized system outputs.
+        references: one detokenized reference per hypothesis.
+        lang: target language code.
+
+    Returns:
+        ``(score, details)``: BLEU in [0, 100] and sacreBLEU's line with the n-gram precisions and
+        brevity penalty.
+
+    Raises:
+        ValueError: if the two lists differ in length.
+    """
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    bleu = BLEU(tokenize="none", smooth_method="none", force=True)
+    score = bleu.corpus_score(multi30k_tokenize(hypotheses, lang), [multi30k_tokenize(references, lang)])
     return score.score, str(score)

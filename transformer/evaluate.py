@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
-from transformer.bleu import PAPER_LABEL, STANDARD_LABEL, paper_bleu
+from transformer.bleu import MULTI30K_LABEL, PAPER_LABEL, STANDARD_LABEL, multi30k_bleu, paper_bleu
 from transformer.checkpoint import CheckpointError
 from transformer.data import DataError, read_lines, load_split
 from transformer.cli import add_model_arguments, load_for_decoding, prepare
@@ -98,9 +98,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="hypothesis file (default: hyp.SPLIT.txt next to the last checkpoint)")
     parser.add_argument("--tokenize", choices=TOKENIZERS, default="13a", help="sacreBLEU tokenizer for BLEU")
     parser.add_argument("--lowercase", action="store_true", help="case-insensitive scores")
-    parser.add_argument("--bleu", choices=("sacrebleu", "paper"), default="sacrebleu",
+    parser.add_argument("--bleu", choices=("sacrebleu", "paper", "multi30k"), default="sacrebleu",
                         help="paper: also print BLEU as the paper's WMT14 numbers were computed (Moses-tokenized, "
-                             "compounds split, multi-bleu counting), next to sacreBLEU's")
+                             "compounds split, multi-bleu counting); multi30k: also print BLEU as Multi30k papers "
+                             "report it (lowercased, punctuation-normalised, Moses-tokenized); both next to "
+                             "sacreBLEU's")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute the whole prefix at every step instead of using the key/value cache")
@@ -128,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.bleu == "paper":
             result["paper_bleu"], result["paper_bleu_details"] = paper_bleu(
                 result["hypotheses"], ref_texts, loaded.config.data.tgt_lang)
+        elif args.bleu == "multi30k":
+            result["multi30k_bleu"], result["multi30k_bleu_details"] = multi30k_bleu(
+                result["hypotheses"], ref_texts, loaded.config.data.tgt_lang)
         output = args.output or Path(args.checkpoint[-1]).parent / f"hyp.{name}.txt"
         output.write_text("".join(h + "\n" for h in result.pop("hypotheses")), encoding="utf-8")
     except (CheckpointError, DataError, OSError) as e:
@@ -136,10 +141,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.json:
         print(json.dumps(result))
     else:
-        label = f"{STANDARD_LABEL}: " if args.bleu == "paper" else ""
+        label = f"{STANDARD_LABEL}: " if args.bleu != "sacrebleu" else ""
         print(f"{label}{result['bleu_details']}\n  {result['signatures']['bleu']}")
         if args.bleu == "paper":
             print(f"{PAPER_LABEL}: {result['paper_bleu_details']}")
+        elif args.bleu == "multi30k":
+            print(f"{MULTI30K_LABEL}: {result['multi30k_bleu_details']}")
         print(f"chrF2 = {result['chrf']:.2f}\n  {result['signatures']['chrf']}")
         print(f"{result['n_sentences']} sentences, beam {result['beam']}, {result['precision']}, {result['seconds']:.1f} s "
               f"({result['sentences_per_second']:.1f} sentences/s)")
