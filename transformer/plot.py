@@ -48,3 +48,32 @@ def plot_metrics(metrics_path: str | Path, output: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(output, dpi=100)
     plt.close(fig)
+
+
+def validation_bleu(metrics_path: str | Path) -> list[tuple[float, int, float]]:
+    """(minutes, step, validation BLEU) at each validation of a run, in step order."""
+    return [(r["minutes"], r["step"], r["valid_bleu"]) for r in read_metrics(metrics_path) if "valid_bleu" in r]
+
+
+def plot_validation_bleu(runs: dict[str, str | Path], output: str | Path, target: float | None = None) -> None:
+    """Plot several runs' validation BLEU against minutes of training, one line per run.
+
+    Args:
+        runs: label -> metrics log (JSON lines as `plot_metrics` reads).
+        output: the PNG to write.
+        target: a BLEU level to draw as a horizontal line (e.g. 40, to see each run's time to reach it).
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, path in runs.items():
+        points = validation_bleu(path)
+        if points:
+            ax.plot([m for m, _, _ in points], [b for _, _, b in points], marker="o", label=label)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("minutes of training (validation pauses excluded)")
+    ax.set_ylabel("validation BLEU")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
