@@ -1,5 +1,6 @@
 """Export to Hugging Face Marian and CTranslate2: exact logits, identical decoding, same token ids, bad input."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -133,6 +134,33 @@ def test_marian_greedy_decoding_gives_our_tokens(run, multi30k):
         theirs.append(row[: row.index(EOS_ID)] if EOS_ID in row else row)
     assert theirs == ours
     assert len({tuple(o) for o in ours}) > 10 and len({len(o) for o in ours}) > 4  # informative outputs
+
+
+def test_a_gelu_model_exports_exactly_to_both_engines(run, multi30k, tmp_path):
+    tokenizer, cfg = run["tokenizer"], run["cfg"]
+    gelu = Config(model=dataclasses.replace(cfg.model, activation="gelu"), data=cfg.data, decode=cfg.decode)
+    model = random_model(gelu, tokenizer.vocab_size)
+    ckpt = tmp_path / "gelu.pt"
+    save_checkpoint({"config": config_to_dict(gelu), "model": model.state_dict(),
+                     "tokenizers": tokenizer_state(tokenizer, tokenizer)}, ckpt)
+    export.main(["--checkpoint", str(ckpt), "--format", "hf", "--output", str(tmp_path / "hf")])
+    export.main(["--checkpoint", str(ckpt), "--format", "ctranslate2", "--output", str(tmp_path / "ct2")])
+    hf = MarianMTModel.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.activation_function == "gelu"
+    sources = source_ids(tokenizer, multi30k["de"][:40])
+    src, tgt = padded(sources[:6]), padded([[BOS_ID] + tokenizer.encode(t) for t in multi30k["en"][:6]])
+    with torch.no_grad():
+        logits = model(src, tgt)
+        hf_logits = hf(input_ids=src, attention_mask=src.ne(PAD_ID), decoder_input_ids=tgt).logits
+        relu = Transformer.from_config(cfg.model, tokenizer.vocab_size, tokenizer.vocab_size, PAD_ID).eval()
+        relu.load_state_dict(model.state_dict())
+        relu_logits = relu(src, tgt)
+    assert torch.allclose(hf_logits, logits, atol=1e-4, rtol=0)
+    assert not torch.allclose(hf_logits, relu_logits, atol=1e-1)  # the activation does matter here
+    ours = translate_ids(model, sources, beam_size=1, max_len_a=0.0, max_len_b=MAX_TOKENS)
+    ct2 = CTranslate2Model(tmp_path / "ct2", "float32", threads=1)
+    assert ct2.translate_ids(sources, beam_size=1, max_len_a=0.0, max_len_b=MAX_TOKENS) == ours
+    assert len({tuple(o) for o in ours}) > 10
 
 
 def test_the_marian_tokenizer_gives_our_ids_on_multi30k(run, multi30k):

@@ -70,7 +70,7 @@ def check_exportable(config: Config) -> None:
         (not m.share_embeddings, "model.share_embeddings=false: the export needs one embedding matrix shared by "
                                  "source and target (a joint vocabulary)"),
         (not m.tie_output, "model.tie_output=false: Marian ties the output projection to the embeddings"),
-        (activation != "relu", f"model.activation={activation!r}: only relu is exported"),
+        (activation not in ("relu", "gelu"), f"model.activation={activation!r}: Marian's are relu and gelu"),
         (m.d_model % 2 != 0, f"model.d_model={m.d_model}: sinusoidal positions need an even width"),
     )
     for bad, message in problems:
@@ -154,7 +154,7 @@ def marian_config(config: Config, vocab_size: int) -> Any:
         vocab_size=vocab_size, decoder_vocab_size=vocab_size, d_model=m.d_model,
         encoder_layers=m.n_encoder_layers, decoder_layers=m.n_decoder_layers,
         encoder_attention_heads=m.n_heads, decoder_attention_heads=m.n_heads,
-        encoder_ffn_dim=m.d_ff, decoder_ffn_dim=m.d_ff, activation_function="relu",
+        encoder_ffn_dim=m.d_ff, decoder_ffn_dim=m.d_ff, activation_function=getattr(m, "activation", "relu"),
         dropout=m.dropout, attention_dropout=m.attention_dropout, activation_dropout=0.0,
         max_position_embeddings=max(m.max_len, max_output_length(config)), scale_embedding=True,
         pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID, decoder_start_token_id=BOS_ID,
