@@ -51,28 +51,6 @@ def paper_tokenize(texts: Sequence[str], lang: str) -> list[str]:
     return [split_compounds(tokenizer.tokenize(text, return_str=True)) for text in texts]
 
 
-def paper_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: str) -> tuple[float, str]:
-    """Corpus BLEU in the paper's flavour: ``get_ende_bleu.sh`` tokenization, ``multi-bleu.perl`` counting.
-
-    Args:
-        hypotheses: detokenized system outputs.
-        references: one detokenized reference per hypothesis.
-        lang: target language code.
-
-    Returns:
-        ``(score, details)``: BLEU in [0, 100] and sacreBLEU's line with the n-gram precisions and
-        brevity penalty.
-
-    Raises:
-        ValueError: if the two lists differ in length.
-    """
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    bleu = BLEU(tokenize="none", smooth_method="none", force=True)  # multi-bleu.perl: no smoothing
-    score = bleu.corpus_score(paper_tokenize(hypotheses, lang), [paper_tokenize(references, lang)])
-    return score.score, str(score)
-
-
 def multi30k_tokenize(texts: Sequence[str], lang: str) -> list[str]:
     """Lowercase, normalise punctuation and Moses-tokenize, as Multi30k's preprocessing scripts do.
 
@@ -87,13 +65,17 @@ def multi30k_tokenize(texts: Sequence[str], lang: str) -> list[str]:
     return [tokenizer.tokenize(normalizer.normalize(text.lower()), return_str=True, escape=False) for text in texts]
 
 
-def multi30k_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: str) -> tuple[float, str]:
-    """Corpus BLEU as Multi30k papers report it: tokenized, lowercased, unsmoothed counting.
+def tokenized_bleu(
+    hypotheses: Sequence[str], references: Sequence[str], lang: str, flavour: str = "paper"
+) -> tuple[float, str]:
+    """Corpus BLEU counted on tokens the way ``multi-bleu.perl`` counts them (no smoothing).
 
     Args:
         hypotheses: detokenized system outputs.
         references: one detokenized reference per hypothesis.
         lang: target language code.
+        flavour: "paper" (the paper's WMT14 flavour, `paper_tokenize`) or "multi30k" (Multi30k
+            papers' flavour, `multi30k_tokenize`).
 
     Returns:
         ``(score, details)``: BLEU in [0, 100] and sacreBLEU's line with the n-gram precisions and
@@ -104,6 +86,17 @@ def multi30k_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: st
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    tokenize = {"paper": paper_tokenize, "multi30k": multi30k_tokenize}[flavour]
     bleu = BLEU(tokenize="none", smooth_method="none", force=True)
-    score = bleu.corpus_score(multi30k_tokenize(hypotheses, lang), [multi30k_tokenize(references, lang)])
+    score = bleu.corpus_score(tokenize(hypotheses, lang), [tokenize(references, lang)])
     return score.score, str(score)
+
+
+def paper_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: str) -> tuple[float, str]:
+    """Corpus BLEU in the paper's flavour: ``get_ende_bleu.sh`` tokenization, ``multi-bleu.perl`` counting."""
+    return tokenized_bleu(hypotheses, references, lang, "paper")
+
+
+def multi30k_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: str) -> tuple[float, str]:
+    """Corpus BLEU as Multi30k papers report it: lowercased, normalised, tokenized, unsmoothed counting."""
+    return tokenized_bleu(hypotheses, references, lang, "multi30k")
