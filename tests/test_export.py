@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, MarianMTModel
 from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
 
 from transformer import average, evaluate, export
+from transformer.bleu import MULTI30K_LABEL, multi30k_bleu
 from transformer.checkpoint import load_model, save_checkpoint, tokenizer_state
 from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, config_to_dict
 from transformer.ctranslate2_engine import CTranslate2Model, convert_marian
@@ -237,6 +238,20 @@ def test_evaluate_scores_both_engines_the_same_way(run, tmp_path, capsys):
         results[engine] = json.loads(capsys.readouterr().out)
     assert (tmp_path / "torch.txt").read_text() == (tmp_path / "ctranslate2.txt").read_text()
     assert results["torch"]["bleu"] == results["ctranslate2"]["bleu"]
+
+
+def test_evaluate_prints_the_multi30k_flavour_of_its_own_hypotheses(run, multi30k, tmp_path, capsys):
+    src, ref = tmp_path / "src.de", tmp_path / "ref.en"
+    src.write_text("".join(line + "\n" for line in multi30k["de"][:30]))
+    ref.write_text("".join(line + "\n" for line in multi30k["en"][:30]))
+    common = ["--checkpoint", str(run["ckpt"]), "--src", str(src), "--ref", str(ref), "--beam", "1", "--device", "cpu",
+              "--output", str(tmp_path / "hyp.txt"), "--bleu", "multi30k"]
+    evaluate.main(common + ["--json"])
+    result = json.loads(capsys.readouterr().out)
+    hypotheses = (tmp_path / "hyp.txt").read_text().splitlines()
+    assert result["multi30k_bleu"] == multi30k_bleu(hypotheses, multi30k["en"][:30], "en")[0]
+    evaluate.main(common)
+    assert MULTI30K_LABEL in capsys.readouterr().out
 
 
 def test_a_ctranslate2_model_that_does_not_load_is_a_one_line_error(run, tmp_path):

@@ -30,6 +30,7 @@ _COMPOUND = re.compile(r"(\S)-(\S)")
 PAPER_LABEL = "BLEU (paper: Moses-tokenized, compounds split, multi-bleu counting)"
 MULTI30K_LABEL = "BLEU (Multi30k papers: lowercased, punctuation-normalised, Moses-tokenized)"
 STANDARD_LABEL = "BLEU (standard sacreBLEU, on detokenized text)"
+FLAVOUR_LABELS = {"paper": PAPER_LABEL, "multi30k": MULTI30K_LABEL}  # by `tokenized_bleu` flavour
 
 
 def split_compounds(text: str) -> str:
@@ -82,10 +83,12 @@ def tokenized_bleu(
         brevity penalty.
 
     Raises:
-        ValueError: if the two lists differ in length.
+        ValueError: if the two lists differ in length, or for an unknown flavour.
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    if flavour not in FLAVOUR_LABELS:
+        raise ValueError(f"unknown BLEU flavour {flavour!r}; known: {', '.join(FLAVOUR_LABELS)}")
     tokenize = {"paper": paper_tokenize, "multi30k": multi30k_tokenize}[flavour]
     bleu = BLEU(tokenize="none", smooth_method="none", force=True)
     score = bleu.corpus_score(tokenize(hypotheses, lang), [tokenize(references, lang)])

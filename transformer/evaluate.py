@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
-from transformer.bleu import MULTI30K_LABEL, PAPER_LABEL, STANDARD_LABEL, multi30k_bleu, paper_bleu
+from transformer.bleu import FLAVOUR_LABELS, STANDARD_LABEL, tokenized_bleu
 from transformer.checkpoint import CheckpointError
 from transformer.data import DataError, read_lines, load_split
 from transformer.cli import add_model_arguments, load_for_decoding, prepare
@@ -127,12 +127,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                           decode.max_len_b, decode.batch_tokens, args.tokenize, args.lowercase, device,
                           use_cache=not args.no_cache)
         result["precision"] = decode.precision
-        if args.bleu == "paper":
-            result["paper_bleu"], result["paper_bleu_details"] = paper_bleu(
-                result["hypotheses"], ref_texts, loaded.config.data.tgt_lang)
-        elif args.bleu == "multi30k":
-            result["multi30k_bleu"], result["multi30k_bleu_details"] = multi30k_bleu(
-                result["hypotheses"], ref_texts, loaded.config.data.tgt_lang)
+        if args.bleu != "sacrebleu":
+            result[f"{args.bleu}_bleu"], result[f"{args.bleu}_bleu_details"] = tokenized_bleu(
+                result["hypotheses"], ref_texts, loaded.config.data.tgt_lang, args.bleu)
         output = args.output or Path(args.checkpoint[-1]).parent / f"hyp.{name}.txt"
         output.write_text("".join(h + "\n" for h in result.pop("hypotheses")), encoding="utf-8")
     except (CheckpointError, DataError, OSError) as e:
@@ -143,10 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         label = f"{STANDARD_LABEL}: " if args.bleu != "sacrebleu" else ""
         print(f"{label}{result['bleu_details']}\n  {result['signatures']['bleu']}")
-        if args.bleu == "paper":
-            print(f"{PAPER_LABEL}: {result['paper_bleu_details']}")
-        elif args.bleu == "multi30k":
-            print(f"{MULTI30K_LABEL}: {result['multi30k_bleu_details']}")
+        if args.bleu != "sacrebleu":
+            print(f"{FLAVOUR_LABELS[args.bleu]}: {result[f'{args.bleu}_bleu_details']}")
         print(f"chrF2 = {result['chrf']:.2f}\n  {result['signatures']['chrf']}")
         print(f"{result['n_sentences']} sentences, beam {result['beam']}, {result['precision']}, {result['seconds']:.1f} s "
               f"({result['sentences_per_second']:.1f} sentences/s)")
