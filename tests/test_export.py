@@ -249,7 +249,10 @@ def test_evaluate_prints_the_multi30k_flavour_of_its_own_hypotheses(run, multi30
     evaluate.main(common + ["--json"])
     result = json.loads(capsys.readouterr().out)
     hypotheses = (tmp_path / "hyp.txt").read_text().splitlines()
-    assert result["multi30k_bleu"] == multi30k_bleu(hypotheses, multi30k["en"][:30], "en")[0]
+    expected = multi30k_bleu(hypotheses, multi30k["en"][:30], "en")
+    assert result["multi30k_bleu"] == expected[0]
+    # The details carry the n-gram counts and both token lengths, which a random model's zero score does not.
+    assert result["multi30k_bleu_details"] == expected[1] and "hyp_len" in expected[1]
     evaluate.main(common)
     assert MULTI30K_LABEL in capsys.readouterr().out
 
