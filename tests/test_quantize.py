@@ -10,7 +10,8 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from transformer import evaluate
 from transformer.model import MultiHeadAttention, Transformer
 from transformer.model.attention import InputProjection
-from transformer.quantize import Int8InputProjection, quantize_int8
+from transformer.model.layers import FeedForward
+from transformer.quantize import Int8FeedForward, Int8InputProjection, int8_linear, quantize_int8
 from transformer.search import beam_search
 
 from test_cli import run  # noqa: F401 (the tiny run fixture)
@@ -33,6 +34,7 @@ def test_every_linear_layer_is_int8_and_the_float_model_is_unchanged():
     # layers; and the output projection.
     n_int8 = sum(isinstance(m, DynamicInt8Linear) for m in quantized.modules())
     assert n_int8 == 6 * (3 + 1) + 4 * 2 + 1
+    assert sum(isinstance(m, Int8FeedForward) for m in quantized.modules()) == 4
     after = float_model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert isinstance(float_model.decoder.layers[0].cross_attn.in_proj, InputProjection)
@@ -52,6 +54,21 @@ def test_the_int8_row_blocks_compute_the_stacked_projection():
     assert torch.allclose(int8.memory(x), reference[..., D:], atol=0.05)
     assert torch.allclose(attention.in_proj.query(x), reference[..., :D], atol=1e-6)
     assert torch.allclose(attention.in_proj.memory(x), reference[..., D:], atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_the_int8_feed_forward_layer_is_its_two_int8_layers_around_the_activation(activation):
+    torch.manual_seed(0)
+    ffn = FeedForward(32, 64, activation).eval()
+    int8 = Int8FeedForward(ffn)
+    x = torch.randn(5, 7, 32)
+    first = int8_linear(ffn.linear1.weight.detach(), ffn.linear1.bias)
+    second = int8_linear(ffn.linear2.weight.detach(), ffn.linear2.bias)
+    # With ReLU, the fused kernel gives exactly what a separate ReLU after the int8 layer gives.
+    assert torch.equal(int8(x), second(ffn._activation(first(x))))
+    with torch.no_grad():
+        reference = ffn(x)
+    assert (int8(x) - reference).abs().max() < 0.05 * reference.abs().max()
 
 
 def test_int8_logits_and_beam_search_stay_close_to_float32():

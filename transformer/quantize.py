@@ -3,7 +3,8 @@
 Every linear layer (attention's stacked W^Q/W^K/W^V projection and W^O, the feed-forward layers,
 the output projection) gets int8 weights, quantized once per output channel, and int8 activations,
 quantized per call from each batch's range; matmuls accumulate in int32 and results come back in
-float32. Embeddings, LayerNorms and softmax stay float32.
+float32. Embeddings, LayerNorms and softmax stay float32. A ReLU feed-forward layer applies its
+ReLU inside the first layer's kernel (`Int8FeedForward`), which spares a pass over its output.
 
 The kernels are PyTorch's dynamic quantized `Linear` (`torch.ao.nn.quantized.dynamic`, fbgemm on
 x86). torchao is where PyTorch's quantization is maintained now, but without `torch.compile` its
@@ -23,25 +24,53 @@ import warnings
 
 import torch
 from torch import Tensor, nn
+from torch.ao.nn.intrinsic import LinearReLU
+from torch.ao.nn.intrinsic.quantized.dynamic import LinearReLU as DynamicInt8LinearReLU
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
 from .model import Transformer
 from .model.attention import InputProjection
+from .model.layers import FeedForward
 
 
-def int8_linear(weight: Tensor, bias: Tensor | None) -> DynamicInt8Linear:
-    """A dynamically quantized linear layer computing x W^T + b, with per-output-channel int8 weights."""
+def int8_linear(weight: Tensor, bias: Tensor | None, relu: bool = False) -> DynamicInt8Linear:
+    """A dynamically quantized linear layer computing x W^T + b (then max(0, .) if `relu`), with
+    per-output-channel int8 weights."""
     linear = nn.Linear(weight.size(1), weight.size(0), bias=bias is not None)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:
             linear.bias.copy_(bias)
     linear.qconfig = per_channel_dynamic_qconfig
+    float_layer: nn.Module = linear
+    if relu:
+        float_layer = LinearReLU(linear, nn.ReLU())
+        float_layer.qconfig = per_channel_dynamic_qconfig
     with warnings.catch_warnings():
         # PyTorch warns that quantized tensors are deprecated; these layers are its int8 kernels on the CPU.
         warnings.simplefilter("ignore", UserWarning)
-        return DynamicInt8Linear.from_float(linear)
+        return (DynamicInt8LinearReLU if relu else DynamicInt8Linear).from_float(float_layer)
+
+
+class Int8FeedForward(nn.Module):
+    """`FeedForward` with int8 weights; a ReLU runs inside the first layer's kernel.
+
+    Args:
+        feed_forward: the float layer to quantize (left unchanged).
+    """
+
+    def __init__(self, feed_forward: FeedForward) -> None:
+        super().__init__()
+        self.activation = feed_forward.activation
+        fused = self.activation == "relu"
+        self.linear1 = int8_linear(feed_forward.linear1.weight.detach(), feed_forward.linear1.bias, relu=fused)
+        self._activation = nn.Identity() if fused else feed_forward._activation
+        self.linear2 = int8_linear(feed_forward.linear2.weight.detach(), feed_forward.linear2.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., D)."""
+        return self.linear2(self._activation(self.linear1(x)))
 
 
 class Int8InputProjection(nn.Module):
@@ -83,10 +112,18 @@ def quantize_int8(model: Transformer) -> Transformer:
     if parameter.dtype != torch.float32 or parameter.device.type != "cpu":
         raise ValueError(f"int8 quantization needs a float32 model on the CPU, got {parameter.dtype} on {parameter.device}")
     quantized = copy.deepcopy(model).eval()
-    for parent in list(quantized.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, InputProjection):
-                setattr(parent, name, Int8InputProjection(child))
-            elif type(child) is nn.Linear:
-                setattr(parent, name, int8_linear(child.weight.detach(), child.bias))
+    _quantize_children(quantized)
     return quantized
+
+
+def _quantize_children(module: nn.Module) -> None:
+    """Replace the float layers below `module` by their int8 versions, in place."""
+    for name, child in module.named_children():
+        if isinstance(child, InputProjection):
+            setattr(module, name, Int8InputProjection(child))
+        elif isinstance(child, FeedForward):
+            setattr(module, name, Int8FeedForward(child))
+        elif type(child) is nn.Linear:
+            setattr(module, name, int8_linear(child.weight.detach(), child.bias))
+        else:
+            _quantize_children(child)

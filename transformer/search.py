@@ -162,8 +162,12 @@ def _best_next_tokens(
     dtype = torch.promote_types(logits.dtype, torch.float32)
     if normalise:
         # One fused pass that also widens bfloat16 logits; faster than logsumexp alone,
-        # which PyTorch runs as several passes.
-        scores = logits.log_softmax(dim=-1, dtype=dtype)
+        # which PyTorch runs as several passes. Logits already in the scores' dtype are
+        # overwritten (nothing else reads them), which spares a (R, V) buffer per step.
+        if logits.dtype == dtype:
+            scores = torch.log_softmax(logits, dim=-1, out=logits)
+        else:
+            scores = logits.log_softmax(dim=-1, dtype=dtype)
     else:
         scores = logits.to(dtype)
     scores.index_fill_(1, never, -math.inf)
