@@ -11,7 +11,7 @@ from transformer import evaluate
 from transformer.model import MultiHeadAttention, Transformer
 from transformer.model.attention import InputProjection
 from transformer.model.layers import FeedForward
-from transformer.quantize import Int8FeedForward, Int8InputProjection, int8_linear, quantize_int8
+from transformer.quantize import Int8FeedForward, Int8InputProjection, int8_linear, quantize_int8, quantized_engine
 from transformer.search import beam_search
 
 from test_cli import run  # noqa: F401 (the tiny run fixture)
@@ -35,6 +35,7 @@ def test_every_linear_layer_is_int8_and_the_float_model_is_unchanged():
     n_int8 = sum(isinstance(m, DynamicInt8Linear) for m in quantized.modules())
     assert n_int8 == 6 * (3 + 1) + 4 * 2 + 1
     assert sum(isinstance(m, Int8FeedForward) for m in quantized.modules()) == 4
+    assert isinstance(quantized.output_projection, DynamicInt8Linear)
     after = float_model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert isinstance(float_model.decoder.layers[0].cross_attn.in_proj, InputProjection)
@@ -54,6 +55,19 @@ def test_the_int8_row_blocks_compute_the_stacked_projection():
     assert torch.allclose(int8.memory(x), reference[..., D:], atol=0.05)
     assert torch.allclose(attention.in_proj.query(x), reference[..., :D], atol=1e-6)
     assert torch.allclose(attention.in_proj.memory(x), reference[..., D:], atol=1e-6)
+
+
+def test_packing_for_another_engine_leaves_the_default_engine_as_it_was():
+    default = torch.backends.quantized.engine
+    layer = nn.Linear(16, 40, bias=False)
+    x = torch.randn(6, 16)
+    for engine in (None, "onednn", "no-such-engine"):
+        with quantized_engine(engine):
+            supported = engine in torch.backends.quantized.supported_engines
+            assert torch.backends.quantized.engine == (engine if supported else default)
+        assert torch.backends.quantized.engine == default
+        # The engine's packed kernel computes the same layer, to int8 resolution.
+        assert torch.allclose(int8_linear(layer.weight.detach(), None, engine=engine)(x), layer(x), atol=0.05)
 
 
 @pytest.mark.parametrize("activation", ["relu", "gelu"])

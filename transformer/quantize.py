@@ -6,10 +6,11 @@ quantized per call from each batch's range; matmuls accumulate in int32 and resu
 float32. Embeddings, LayerNorms and softmax stay float32. A ReLU feed-forward layer applies its
 ReLU inside the first layer's kernel (`Int8FeedForward`), which spares a pass over its output.
 
-The kernels are PyTorch's dynamic quantized `Linear` (`torch.ao.nn.quantized.dynamic`, fbgemm on
-x86). torchao is where PyTorch's quantization is maintained now, but without `torch.compile` its
-int8 dynamic-activation layers have no int8 CPU kernel and run slower than float32, where the
-fbgemm layers run faster.
+The kernels are PyTorch's dynamic quantized `Linear` (`torch.ao.nn.quantized.dynamic`): fbgemm on
+x86, and oneDNN for the output projection onto the vocabulary (`OUTPUT_PROJECTION_ENGINE`).
+torchao is where PyTorch's quantization is maintained now, but without `torch.compile` its int8
+dynamic-activation layers have no int8 CPU kernel and run slower than float32, where these run
+faster.
 
 Attention's (3D, D) input projection is used whole by self-attention and in two row blocks by
 cross-attention (W^Q for the queries, W^K and W^V for the memory); a quantized weight cannot be
@@ -19,8 +20,10 @@ not modified: its state-dict layout stays the checkpoint's.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +37,31 @@ from .model.attention import InputProjection
 from .model.layers import FeedForward
 
 
-def int8_linear(weight: Tensor, bias: Tensor | None, relu: bool = False) -> DynamicInt8Linear:
+# The quantized engine for the output projection onto the vocabulary: on a wide layer oneDNN's
+# int8 kernel is faster than fbgemm's (1.4x on 256 -> 8,000), but it builds a kernel for every new
+# number of rows, which beam search changes whenever sentences finish; on the narrow layers that
+# costs more than it saves (docs/benchmarks.md), so they keep the default engine.
+OUTPUT_PROJECTION_ENGINE = "onednn"
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str | None) -> Iterator[None]:
+    """Pack int8 weights for `engine` inside the block (None, or one this build lacks: the default).
+
+    A packed layer keeps its engine's kernel wherever it runs, so layers of one model may differ.
+    """
+    previous = torch.backends.quantized.engine
+    if engine is not None and engine in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def int8_linear(weight: Tensor, bias: Tensor | None, relu: bool = False, engine: str | None = None) -> DynamicInt8Linear:
     """A dynamically quantized linear layer computing x W^T + b (then max(0, .) if `relu`), with
-    per-output-channel int8 weights."""
+    per-output-channel int8 weights, packed for the quantized `engine` (None: PyTorch's default)."""
     linear = nn.Linear(weight.size(1), weight.size(0), bias=bias is not None)
     with torch.no_grad():
         linear.weight.copy_(weight)
@@ -47,7 +72,7 @@ def int8_linear(weight: Tensor, bias: Tensor | None, relu: bool = False) -> Dyna
     if relu:
         float_layer = LinearReLU(linear, nn.ReLU())
         float_layer.qconfig = per_channel_dynamic_qconfig
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), quantized_engine(engine):
         # PyTorch warns that quantized tensors are deprecated; these layers are its int8 kernels on the CPU.
         warnings.simplefilter("ignore", UserWarning)
         return (DynamicInt8LinearReLU if relu else DynamicInt8Linear).from_float(float_layer)
@@ -113,6 +138,8 @@ def quantize_int8(model: Transformer) -> Transformer:
         raise ValueError(f"int8 quantization needs a float32 model on the CPU, got {parameter.dtype} on {parameter.device}")
     quantized = copy.deepcopy(model).eval()
     _quantize_children(quantized)
+    output = model.output_projection
+    quantized.output_projection = int8_linear(output.weight.detach(), output.bias, engine=OUTPUT_PROJECTION_ENGINE)
     return quantized
 
 
