@@ -137,9 +137,9 @@ def quantize_int8(model: Transformer) -> Transformer:
     if parameter.dtype != torch.float32 or parameter.device.type != "cpu":
         raise ValueError(f"int8 quantization needs a float32 model on the CPU, got {parameter.dtype} on {parameter.device}")
     quantized = copy.deepcopy(model).eval()
-    _quantize_children(quantized)
     output = model.output_projection
     quantized.output_projection = int8_linear(output.weight.detach(), output.bias, engine=OUTPUT_PROJECTION_ENGINE)
+    _quantize_children(quantized)  # every other layer, with the default engine
     return quantized
 
 
