@@ -34,7 +34,7 @@ from torch.ao.quantization import per_channel_dynamic_qconfig
 
 from .model import Transformer
 from .model.attention import InputProjection
-from .model.layers import FeedForward
+from .model.layers import ACTIVATIONS, FeedForward
 
 
 # The quantized engine for the output projection onto the vocabulary: on a wide layer oneDNN's
@@ -90,7 +90,7 @@ class Int8FeedForward(nn.Module):
         self.activation = feed_forward.activation
         fused = self.activation == "relu"
         self.linear1 = int8_linear(feed_forward.linear1.weight.detach(), feed_forward.linear1.bias, relu=fused)
-        self._activation = nn.Identity() if fused else feed_forward._activation
+        self._activation = nn.Identity() if fused else ACTIVATIONS[self.activation]
         self.linear2 = int8_linear(feed_forward.linear2.weight.detach(), feed_forward.linear2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
