@@ -115,7 +115,7 @@ def overrides(corpus: Path, run_dir: Path, **changes: Any) -> list[str]:
         "train.output_dir": run_dir, "train.seed": 1, "train.device": "cpu", "train.threads": 1,
         "train.precision": "fp32", "train.max_tokens": 300, "train.accumulate": 1, "train.max_steps": MAX_STEPS,
         "train.max_epochs": 0, "train.max_minutes": 0, "train.lr_scale": 1, "train.warmup_steps": 10,
-        "train.cooldown": 0.2,
+        "train.lr_decay": "inverse_sqrt", "train.cooldown": 0.2,
         "train.clip_norm": 0, "train.weight_decay": 0, "train.label_smoothing": 0.1, "train.log_every": 5,
         "train.eval_every": 10, "train.eval_bleu_sentences": 20, "train.save_every": 5, "train.keep_last": 5,
         "train.average_last": 2, "train.patience": 0, "train.max_nonfinite": 10,
@@ -434,6 +434,32 @@ def test_noam_lr_is_the_papers_formula_and_peaks_after_warmup():
     assert all(a < b for a, b in itertools.pairwise(rates[:1000]))  # linear warm-up
     assert all(a > b for a, b in itertools.pairwise(rates[999:]))  # inverse-sqrt decay
     assert noam_lr(0, 512, 4000) == noam_lr(1, 512, 4000)
+
+
+def test_without_decay_the_rate_holds_the_warmups_peak():
+    for step in (1, 2, 100, 3999, 4000):  # the same warm-up
+        assert noam_lr(step, 512, 4000, 0.7, "none") == pytest.approx(0.7 * paper_lr(step, 512, 4000), rel=1e-12)
+    peak = 0.7 * paper_lr(4000, 512, 4000)
+    for step in (4001, 10000, 100000):
+        assert noam_lr(step, 512, 4000, 0.7, "none") == pytest.approx(peak, rel=1e-12)
+    with pytest.raises(ValueError, match="decay must be"):
+        noam_lr(10, 512, 4000, 1.0, "cosine")
+
+
+def test_a_run_without_decay_holds_the_peak_then_cools_down(corpus, tmp_path):
+    run_dir = tmp_path / "wsd"
+    with process_state_kept():
+        main(["--config", str(CONFIG), *overrides(corpus, run_dir, train_lr_decay="none")])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["lr"] for r in rows if "loss" in r}
+    peak = noam_lr(10, 32, 10)
+    assert rates[5] == pytest.approx(noam_lr(5, 32, 10)) and rates[10] == rates[20] == pytest.approx(peak)
+    assert rates[30] == pytest.approx(peak * (1 - 29 / 30) / 0.2)  # the last 20% of 30 steps cool down
+
+
+def test_an_unknown_lr_decay_is_named(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="train.lr_decay must be 'inverse_sqrt' or 'none'"):
+        load_config(CONFIG, overrides(corpus, tmp_path, train_lr_decay="cosine"))
 
 
 def test_cooldown_takes_the_rate_linearly_to_zero_over_the_end_of_the_budget():

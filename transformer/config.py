@@ -104,6 +104,7 @@ class TrainConfig:
     max_minutes: float = 0.0  # minutes of training, validation excluded; 0 = no limit (the first limit reached stops)
     lr_scale: float = 1.0  # the paper's schedule times this
     warmup_steps: int = 4000  # linear warm-up steps of the paper's schedule
+    lr_decay: str = "inverse_sqrt"  # after warm-up: "inverse_sqrt" (paper) | "none" (hold the peak; with cooldown, warm-up/stable/decay)
     cooldown: float = 0.0  # final fraction of the step/epoch/minute budget over which lr decays linearly to 0
     adam_beta1: float = 0.9  # Adam beta_1
     adam_beta2: float = 0.98  # Adam beta_2
@@ -279,6 +280,7 @@ def _validate(cfg: Config, source: str) -> None:
         (tr.max_minutes >= 0, "train.max_minutes must be >= 0"),
         (tr.lr_scale > 0, "train.lr_scale must be > 0"),
         (tr.warmup_steps > 0, "train.warmup_steps must be > 0"),
+        (tr.lr_decay in ("inverse_sqrt", "none"), "train.lr_decay must be 'inverse_sqrt' or 'none'"),
         (0.0 <= tr.cooldown <= 1.0, "train.cooldown must be in [0, 1]"),
         (tr.cooldown == 0 or tr.max_steps or tr.max_epochs or tr.max_minutes,
          "train.cooldown needs a budget to cool down towards: set train.max_steps, max_epochs or max_minutes"),

@@ -582,7 +582,7 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
             # Host numbers only: token counts come from the host's batches, never from the device.
             step_tokens, all_tokens = ranks.reduce_host(
                 [sum(b.n_tgt_tokens for b in micro), sum(b.n_src_tokens + b.n_tgt_tokens for b in micro)])
-            lr = noam_lr(position.step + 1, cfg.model.d_model, tc.warmup_steps, tc.lr_scale)
+            lr = noam_lr(position.step + 1, cfg.model.d_model, tc.warmup_steps, tc.lr_scale, tc.lr_decay)
             if tc.cooldown:
                 # Ranks may disagree on elapsed time; they must agree on the learning rate.
                 used = ranks.reduce_host([budget_used(tc, position, len(epoch_batches))], dist.ReduceOp.MAX)[0]
