@@ -209,9 +209,18 @@ def test_ctranslate2_greedy_decoding_gives_our_tokens(run, multi30k, tmp_path):
     ours = translate_ids(model, sources, beam_size=1, max_len_a=0.0, max_len_b=MAX_TOKENS)
     ct2 = CTranslate2Model(tmp_path / "ct2", "float32", threads=1)
     assert ct2.translate_ids(sources, beam_size=1, max_len_a=0.0, max_len_b=MAX_TOKENS) == ours
+    # int8: CTranslate2's int8 kernels differ by CPU (AVX2 without VNNI rounds more coarsely than
+    # AVX-512), and this random model's near-tied choices flip with the rounding, so compare the
+    # log-probabilities both give our outputs rather than the outputs: close, where a wrong export
+    # would be off by as much as the log-probabilities themselves.
     int8 = CTranslate2Model(tmp_path / "ct2", "int8", threads=1)
-    agree = sum(a == b for a, b in zip(int8.translate_ids(sources, 1, 1.0, 0.0, MAX_TOKENS), ours))
-    assert agree > len(ours) // 2  # int8 weights: mostly the same outputs
+    assert all(len(o) <= MAX_TOKENS for o in int8.translate_ids(sources, 1, 1.0, 0.0, MAX_TOKENS))
+    rows = [[ct2.pieces[t] for t in ids] for ids in sources]
+    targets = [[ct2.pieces[t] for t in ids] for ids in ours]
+    exact = [lp for r in ct2.translator.score_batch(rows, targets) for lp in r.log_probs]
+    quantized = [lp for r in int8.translator.score_batch(rows, targets) for lp in r.log_probs]
+    error = sum(abs(a - b) for a, b in zip(exact, quantized)) / len(exact)
+    assert error < 0.3 * sum(map(abs, exact)) / len(exact)
 
 
 def test_the_ctranslate2_model_cards_code_translates_as_we_do(run, multi30k, tmp_path, capsys):
