@@ -14,6 +14,7 @@ from transformer import attention_plot, average, cli, evaluate, runtime, transla
 from transformer.checkpoint import load_checkpoint, load_model, save_checkpoint, tokenizer_state
 from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, config_to_dict
 from transformer.model import Transformer
+from transformer.rerank import ChannelReranker
 from transformer.tokenizer import PAD_ID, train_tokenizer
 from transformer.translator import translate as translate_texts
 
@@ -125,6 +126,63 @@ def test_evaluate_rejects_misaligned_references(run, tmp_path):
         evaluate.main(["--checkpoint", str(run / "checkpoints" / "step_1.pt"), "--src",
                        str(run / "data" / "valid.de"), "--ref", str(short), "--device", "cpu"])
     one_line_error(exit, "6 source sentences but 1 references")
+
+
+@pytest.fixture(scope="module")
+def reverse(run) -> dict[str, Path]:
+    """English->German checkpoints for reranking the run's German->English model: one with the run's
+    vocabulary, one with a vocabulary of its own."""
+    state = load_checkpoint(run / "checkpoints" / "step_10.pt")
+    state["config"]["data"].update(src_lang="en", tgt_lang="de")
+    save_checkpoint(state, run / "reverse.pt")
+    texts = (run / "data" / "train.en").read_text().split("\n")
+    other = train_tokenizer(texts, TokenizerConfig(vocab_size=60), run / "spm_other")
+    model = Transformer.from_config(ModelConfig(**state["config"]["model"]), other.vocab_size,
+                                    other.vocab_size, PAD_ID)
+    save_checkpoint(dict(state, model=model.state_dict(), tokenizers=tokenizer_state(other, other)),
+                    run / "reverse_other_vocab.pt")
+    return {"same": run / "reverse.pt", "other": run / "reverse_other_vocab.pt"}
+
+
+def test_evaluate_and_translate_rerank_with_a_reverse_model(run, reverse, capsysbinary):
+    ckpt = str(run / "checkpoints" / "step_10.pt")
+    evaluate.main(["--checkpoint", ckpt, "--rerank-with", str(reverse["same"]), "--rerank-weight", "20",
+                   "--beam", "3", "--json", "--device", "cpu", "--output", str(run / "hyp.reranked.txt")])
+    result = json.loads(capsysbinary.readouterr().out)
+    assert result["rerank_weight"] == 20.0 and result["beam"] == 3 and result["n_sentences"] == 8
+    forward, backward = load_model([ckpt]), load_model([reverse["same"]])
+    sources = (run / "data" / "test.de").read_text(encoding="utf-8").splitlines()
+    expected = translate_texts(forward.model, forward.src_tokenizer, forward.tgt_tokenizer, sources, beam_size=3,
+                               max_len_a=1.0, max_len_b=4, max_src_len=24,
+                               reranker=ChannelReranker(backward.model, 20.0))
+    assert (run / "hyp.reranked.txt").read_text(encoding="utf-8").splitlines() == expected
+    plain = translate_texts(forward.model, forward.src_tokenizer, forward.tgt_tokenizer, sources, beam_size=3,
+                            max_len_a=1.0, max_len_b=4, max_src_len=24)
+    assert plain != expected  # the reverse model changed some choice, so the files show it was used
+    translate.main(["--checkpoint", ckpt, "--rerank-with", str(reverse["same"]), "--rerank-weight", "20", "--beam", "3",
+                    "--input", str(run / "data" / "test.de"), "--device", "cpu"])
+    assert capsysbinary.readouterr().out.decode("utf-8").splitlines() == expected
+
+
+def test_reranking_with_the_wrong_model_or_settings_is_a_clear_error(run, reverse, capsys):
+    ckpt = str(run / "checkpoints" / "step_1.pt")
+    base = ["--checkpoint", ckpt, "--device", "cpu"]
+    for extra, fragments in (
+        (["--rerank-with", ckpt], ("translates de->en", "needs a en->de model")),
+        (["--rerank-with", str(reverse["other"])], (str(reverse["other"]), "vocabulary is not")),
+        (["--rerank-with", str(reverse["same"]), "--beam", "1"], ("needs a beam of 2 or more",)),
+    ):
+        with pytest.raises(SystemExit) as exit:
+            evaluate.main(base + extra)
+        one_line_error(exit, *fragments)
+    for extra, message in (
+        (["--rerank-weight", "1"], "--rerank-weight needs --rerank-with"),
+        (["--rerank-with", str(reverse["same"]), "--rerank-weight", "-1"], "--rerank-weight must be >= 0"),
+        (["--rerank-with", str(reverse["same"]), "--engine", "ctranslate2"], "--rerank-with needs --engine torch"),
+    ):
+        with pytest.raises(SystemExit) as exit:
+            translate.main(base + extra)
+        assert exit.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["missing", "truncated", "text"])

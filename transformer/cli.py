@@ -11,6 +11,10 @@ import torch
 from .checkpoint import CheckpointError, LoadedModel, load_model
 from .config import DecodeConfig
 from .quantize import quantize_int8
+from .rerank import ChannelReranker
+
+# Chosen on Multi30k validation BLEU, both directions (docs/results.md): 0.2 to 1.0 all gain.
+RERANK_WEIGHT = 0.5
 from .runtime import PRECISION_DTYPES, resolve_device, resolve_precision, tune_process_for
 
 
@@ -33,6 +37,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_tokens: bool = Tr
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
 
 
+def add_rerank_arguments(parser: argparse.ArgumentParser) -> None:
+    """--rerank-with (a reverse-direction checkpoint; several are averaged) and --rerank-weight."""
+    parser.add_argument("--rerank-with", action="extend", nargs="+", metavar="CKPT",
+                        help="rescore the beam's candidates with this model of the reverse direction (noisy-channel "
+                             "reranking; several checkpoints are averaged); it must share the vocabulary")
+    parser.add_argument("--rerank-weight", type=float,
+                        help=f"weight of the reverse model's log-probability per source token "
+                             f"(default: {RERANK_WEIGHT})")
+
+
 def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
     """Check the shared arguments (a usage error otherwise), set up logging and, on the CPU, the allocator.
 
@@ -47,6 +61,13 @@ def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.
         parser.error("--alpha must be >= 0")
     if args.engine == "ctranslate2" and len(args.checkpoint) > 1:
         parser.error("--engine ctranslate2 takes one exported folder (average checkpoints before exporting)")
+    if getattr(args, "rerank_with", None) is not None and args.engine != "torch":
+        parser.error("--rerank-with needs --engine torch")
+    if getattr(args, "rerank_weight", None) is not None:
+        if args.rerank_with is None:
+            parser.error("--rerank-weight needs --rerank-with")
+        if args.rerank_weight < 0:
+            parser.error("--rerank-weight must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         device = resolve_device(args.device)
@@ -78,13 +99,46 @@ def load_for_decoding(args: argparse.Namespace, device: torch.device) -> tuple[L
     loaded = load_model(args.checkpoint, device)
     decode = decode_settings(loaded.config.decode, args)
     decode = dataclasses.replace(decode, precision=resolve_precision(decode.precision, device))
-    if decode.precision == "int8":
+    loaded.model = _in_precision(loaded.model, decode.precision, device)
+    return loaded, decode
+
+
+def _in_precision(model: torch.nn.Module, precision: str, device: torch.device) -> torch.nn.Module:
+    """The model in a resolved decode precision: int8 (CPU only), or cast to bf16 / fp32."""
+    if precision == "int8":
         if device.type != "cpu":
             raise CheckpointError(f"--precision int8 runs on the CPU only, not on {device}")
-        loaded.model = quantize_int8(loaded.model)
-    else:
-        loaded.model.to(PRECISION_DTYPES[decode.precision])  # log-probabilities stay float32 either way
-    return loaded, decode
+        return quantize_int8(model)
+    return model.to(PRECISION_DTYPES[precision])  # log-probabilities stay float32 either way
+
+
+def load_reranker(
+    args: argparse.Namespace, loaded: LoadedModel, decode: DecodeConfig, device: torch.device
+) -> ChannelReranker | None:
+    """The `--rerank-with` model in the decode precision, checked against the forward model; None without it.
+
+    Raises:
+        CheckpointError: an unreadable checkpoint, one whose tokenizers are not the forward model's
+            with the sides swapped, one of the wrong languages, or a beam of 1.
+    """
+    if getattr(args, "rerank_with", None) is None:
+        return None
+    path = args.rerank_with[-1]
+    if decode.beam_size < 2:
+        raise CheckpointError(f"--rerank-with needs a beam of 2 or more, not the checkpoint's {decode.beam_size} "
+                              "(give --beam)")
+    reverse = load_model(args.rerank_with, device)
+    forward_data, reverse_data = loaded.config.data, reverse.config.data
+    if (reverse_data.src_lang, reverse_data.tgt_lang) != (forward_data.tgt_lang, forward_data.src_lang):
+        raise CheckpointError(f"{path} translates {reverse_data.src_lang}->{reverse_data.tgt_lang}; reranking "
+                              f"{forward_data.src_lang}->{forward_data.tgt_lang} needs a "
+                              f"{forward_data.tgt_lang}->{forward_data.src_lang} model")
+    if (reverse.src_tokenizer.to_bytes() != loaded.tgt_tokenizer.to_bytes()
+            or reverse.tgt_tokenizer.to_bytes() != loaded.src_tokenizer.to_bytes()):
+        raise CheckpointError(f"{path}: its vocabulary is not {args.checkpoint[-1]}'s with the sides swapped, so it "
+                              "cannot score that model's outputs")
+    weight = RERANK_WEIGHT if args.rerank_weight is None else args.rerank_weight
+    return ChannelReranker(_in_precision(reverse.model, decode.precision, device), weight)
 
 
 def _load_ctranslate2(args: argparse.Namespace) -> tuple[LoadedModel, DecodeConfig]:

@@ -22,11 +22,12 @@ from sacrebleu.metrics import BLEU, CHRF
 from transformer.bleu import FLAVOUR_LABELS, STANDARD_LABEL, tokenized_bleu
 from transformer.checkpoint import CheckpointError
 from transformer.data import DataError, read_lines, load_split
-from transformer.cli import add_model_arguments, load_for_decoding, prepare
+from transformer.cli import add_model_arguments, add_rerank_arguments, load_for_decoding, load_reranker, prepare
 from transformer.translator import translate
 
 if TYPE_CHECKING:
     from transformer.checkpoint import LoadedModel
+    from transformer.rerank import ChannelReranker
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def evaluate(
     loaded: LoadedModel, src_texts: Sequence[str], ref_texts: Sequence[str], beam_size: int = 4,
     length_penalty: float = 0.6, max_len_a: float = 1.0, max_len_b: int = 50, batch_tokens: int = 8000,
     tokenize: str = "13a", lowercase: bool = False, device: torch.device | str | None = None,
-    use_cache: bool = True,
+    use_cache: bool = True, reranker: ChannelReranker | None = None,
 ) -> dict[str, Any]:
     """Translate `src_texts` and score the translations against `ref_texts`.
 
@@ -52,6 +53,7 @@ def evaluate(
         tokenize: sacreBLEU tokenizer for BLEU (one of `TOKENIZERS`).
         lowercase: case-insensitive scores.
         use_cache: decode with the key/value cache (False: recompute every prefix, same output).
+        reranker: rescore the beam's candidates with a reverse model (`transformer.rerank`).
 
     Returns:
         {"bleu", "chrf": corpus scores; "signatures": {"bleu", "chrf"}: sacreBLEU signatures;
@@ -67,6 +69,7 @@ def evaluate(
     hypotheses = translate(
         loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, src_texts, beam_size, length_penalty,
         max_len_a, max_len_b, batch_tokens, device, max_src_len=loaded.config.model.max_len, use_cache=use_cache,
+        reranker=reranker,
     )
     seconds = time.perf_counter() - start
     bleu, chrf = BLEU(tokenize=tokenize, lowercase=lowercase), CHRF(lowercase=lowercase)
@@ -90,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="transformer-evaluate", description="Translate a test set and report sacreBLEU BLEU and chrF."
     )
     add_model_arguments(parser)
+    add_rerank_arguments(parser)
     parser.add_argument("--split", choices=("test", "valid"), default="test",
                         help="split of the checkpoint's data config (default: test)")
     parser.add_argument("--src", type=Path, help="source file, one sentence per line (instead of --split)")
@@ -118,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = prepare(parser, args)
     try:
         loaded, decode = load_for_decoding(args, device)
+        reranker = load_reranker(args, loaded, decode, device)
         if args.src is not None:
             src_texts, ref_texts, name = read_lines(args.src), read_lines(args.ref), args.src.name
         else:
@@ -125,8 +130,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             name = args.split
         result = evaluate(loaded, src_texts, ref_texts, decode.beam_size, decode.length_penalty, decode.max_len_a,
                           decode.max_len_b, decode.batch_tokens, args.tokenize, args.lowercase, device,
-                          use_cache=not args.no_cache)
+                          use_cache=not args.no_cache, reranker=reranker)
         result["precision"] = decode.precision
+        if reranker is not None:
+            result["rerank_weight"] = reranker.weight
         if args.bleu != "sacrebleu":
             result[f"{args.bleu}_bleu"], result[f"{args.bleu}_bleu_details"] = tokenized_bleu(
                 result["hypotheses"], ref_texts, loaded.config.data.tgt_lang, args.bleu)
@@ -143,7 +150,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.bleu != "sacrebleu":
             print(f"{FLAVOUR_LABELS[args.bleu]}: {result[f'{args.bleu}_bleu_details']}")
         print(f"chrF2 = {result['chrf']:.2f}\n  {result['signatures']['chrf']}")
-        print(f"{result['n_sentences']} sentences, beam {result['beam']}, {result['precision']}, {result['seconds']:.1f} s "
+        reranked = f", reranked (weight {reranker.weight:g})" if reranker is not None else ""
+        print(f"{result['n_sentences']} sentences, beam {result['beam']}{reranked}, {result['precision']}, "
+              f"{result['seconds']:.1f} s "
               f"({result['sentences_per_second']:.1f} sentences/s)")
 
 

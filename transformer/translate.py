@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
 from transformer.checkpoint import CheckpointError
-from transformer.cli import add_model_arguments, load_for_decoding, prepare
+from transformer.cli import add_model_arguments, add_rerank_arguments, load_for_decoding, load_reranker, prepare
 from transformer.translator import translate
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="transformer-translate", description="Translate one sentence per line from stdin or a file."
     )
     add_model_arguments(parser)
+    add_rerank_arguments(parser)
     parser.add_argument("--input", type=Path,
                         help="UTF-8 input file (default: standard input); a line that is not UTF-8 stops the "
                              "command with an error naming it, after the lines before it are written")
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = prepare(parser, args)
     try:
         loaded, decode = load_for_decoding(args, device)
+        reranker = load_reranker(args, loaded, decode, device)
         if args.input is None:
             stream, name, interactive = sys.stdin.buffer, "<stdin>", sys.stdin.isatty()
         else:
@@ -91,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 outputs = translate(
                     loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, texts, decode.beam_size,
                     decode.length_penalty, decode.max_len_a, decode.max_len_b, decode.batch_tokens, device,
-                    max_src_len=loaded.config.model.max_len, first_line=first_line,
+                    max_src_len=loaded.config.model.max_len, first_line=first_line, reranker=reranker,
                 )
                 sys.stdout.buffer.write("".join(out + "\n" for out in outputs).encode("utf-8"))
                 sys.stdout.buffer.flush()

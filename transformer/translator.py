@@ -2,7 +2,8 @@
 
 Sources are encoded as training encodes them (subword ids followed by EOS), sorted by length and
 cut into batches under a token budget, so that little compute goes to padding; outputs come back
-in input order. A beam of 1 uses greedy search.
+in input order. A beam of 1 uses greedy search. With a `ChannelReranker`, the beam's candidates are
+rescored by a reverse-direction model (`transformer.rerank`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from transformer.data import make_batches
 from transformer.model import Transformer
+from transformer.rerank import ChannelReranker, rerank
 from transformer.search import beam_search, greedy_search, position_limit
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
@@ -53,7 +55,7 @@ def source_ids(
 def translate_ids(
     model: Transformer, sources: Sequence[Sequence[int]], beam_size: int = 4, length_penalty: float = 0.6,
     max_len_a: float = 1.0, max_len_b: int = 50, batch_tokens: int = 8000, device: torch.device | str | None = None,
-    use_cache: bool = True,
+    use_cache: bool = True, reranker: ChannelReranker | None = None,
 ) -> list[list[int]]:
     """Search the best output ids for each source, in batches of similar length.
 
@@ -69,10 +71,14 @@ def translate_ids(
         device: where to run; the model must be there already. None: the model's device.
         use_cache: decode incrementally with the key/value cache (False recomputes every prefix:
             the same outputs, slower; for checks and benchmarks).
+        reranker: rescore all `beam_size` finished candidates of each sentence with a reverse model
+            and keep the best by the noisy-channel score (needs beam_size >= 2 and a `Transformer`).
 
     Returns:
         Output ids per source, without BOS and EOS, in input order.
     """
+    if reranker is not None and (beam_size < 2 or not isinstance(model, torch.nn.Module)):
+        raise ValueError("reranking needs beam search (beam_size >= 2) with this package's model")
     if not isinstance(model, torch.nn.Module):  # another engine (`transformer.ctranslate2_engine.CTranslate2Model`)
         return model.translate_ids(sources, beam_size, length_penalty, max_len_a, max_len_b, batch_tokens)
     if device is None:
@@ -88,10 +94,14 @@ def translate_ids(
         src = src.to(device)
         if beam_size == 1:
             found = greedy_search(model, src, max_len_a, max_len_b, bos_id=BOS_ID, eos_id=EOS_ID, use_cache=use_cache)
-        else:
+        elif reranker is None:
             hypotheses = beam_search(model, src, beam_size, length_penalty, max_len_a, max_len_b,
                                      bos_id=BOS_ID, eos_id=EOS_ID, use_cache=use_cache)
             found = [h[0].tokens for h in hypotheses]
+        else:
+            hypotheses = beam_search(model, src, beam_size, length_penalty, max_len_a, max_len_b, n_best=beam_size,
+                                     bos_id=BOS_ID, eos_id=EOS_ID, use_cache=use_cache)
+            found = rerank(reranker, rows, hypotheses, batch_tokens)
         for j, ids in zip(batch, found):
             outputs[nonempty[j]] = ids
     return outputs
@@ -101,7 +111,7 @@ def translate(
     model: Transformer, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer, sentences: Sequence[str],
     beam_size: int = 4, length_penalty: float = 0.6, max_len_a: float = 1.0, max_len_b: int = 50,
     batch_tokens: int = 8000, device: torch.device | str | None = None, max_src_len: int | None = None,
-    first_line: int = 1, use_cache: bool = True,
+    first_line: int = 1, use_cache: bool = True, reranker: ChannelReranker | None = None,
 ) -> list[str]:
     """Translate sentences to detokenized text, in input order.
 
@@ -113,7 +123,7 @@ def translate(
         max_src_len: longest source in tokens, EOS included; longer ones are truncated with a
             warning. None: the model's number of learned positions, or no limit for sinusoidal ones.
         first_line: line number of `sentences[0]` in warnings (for callers that stream a file).
-        use_cache: see `translate_ids`.
+        use_cache, reranker: see `translate_ids`.
 
     Returns:
         One translation per sentence.
@@ -122,7 +132,7 @@ def translate(
         max_src_len = position_limit(model)
     sources = source_ids(src_tokenizer, sentences, max_src_len, first_line)
     outputs = translate_ids(
-        model, sources, beam_size, length_penalty, max_len_a, max_len_b, batch_tokens, device, use_cache
+        model, sources, beam_size, length_penalty, max_len_a, max_len_b, batch_tokens, device, use_cache, reranker
     )
     return [tgt_tokenizer.decode(ids) for ids in outputs]
 

@@ -1,0 +1,104 @@
+"""Noisy-channel reranking against the formula computed directly, one pair at a time, in float64."""
+
+import logging
+
+import pytest
+import torch
+
+from transformer.model import Transformer
+from transformer.rerank import ChannelReranker, channel_log_probs, rerank
+from transformer.search import beam_search
+from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from transformer.translator import translate_ids
+
+VOCAB = 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared machine: one intra-op thread is many times faster than several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_model(seed: int, **kwargs) -> Transformer:
+    """A small untrained float64 model whose next-token distributions are far from uniform."""
+    torch.manual_seed(seed)
+    model = Transformer(VOCAB, VOCAB, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=2,
+                        dropout=0.0, tie_output=False, **kwargs)
+    with torch.no_grad():
+        model.output_projection.weight.mul_(4.0)
+    return model.double().eval()
+
+
+def random_sources(seed: int, lengths: list[int]) -> list[list[int]]:
+    """Source ids ending with EOS, one per length (EOS included)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, VOCAB, (n - 1,), generator=generator).tolist() + [EOS_ID] for n in lengths]
+
+
+def log_prob_of_source(reverse: Transformer, source: list[int], output: list[int]) -> float:
+    """log p(source | output + EOS), written out for one pair: no batching, no padding."""
+    with torch.no_grad():
+        src = torch.tensor([output + [EOS_ID]])
+        tgt_in, tgt_out = torch.tensor([[BOS_ID] + source[:-1]]), torch.tensor([source])
+        log_probs = reverse(src, tgt_in).log_softmax(dim=-1)
+        return log_probs.gather(2, tgt_out.unsqueeze(2)).sum().item()
+
+
+def test_channel_log_probs_equal_one_pair_at_a_time_whatever_the_batching():
+    reverse = random_model(1)
+    sources = random_sources(2, [2, 5, 9, 3, 7, 4, 6, 8])
+    generator = torch.Generator().manual_seed(3)
+    outputs = [torch.randint(4, VOCAB, (n,), generator=generator).tolist() for n in (0, 4, 8, 2, 6, 1, 5, 7)]
+    expected = [log_prob_of_source(reverse, x, y) for x, y in zip(sources, outputs)]
+    for batch_tokens in (1, 12, 1000):  # one pair per batch, a few pairs, all at once
+        found = channel_log_probs(reverse, sources, outputs, batch_tokens)
+        assert found == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    assert all(value < 0 for value in expected)
+
+
+def test_reranked_translations_maximise_the_noisy_channel_score():
+    forward, reverse = random_model(4), random_model(5)
+    sources = random_sources(6, [3, 4, 5, 6, 7, 8, 9, 10, 6, 5])
+    K, alpha, weight = 4, 1.0, 3.0
+    plain = translate_ids(forward, sources, K, alpha, max_len_b=6)
+    # Weight 0 keeps the beam's own choice.
+    assert translate_ids(forward, sources, K, alpha, max_len_b=6, reranker=ChannelReranker(reverse, 0.0)) == plain
+    reranked = translate_ids(forward, sources, K, alpha, max_len_b=6, batch_tokens=9,
+                             reranker=ChannelReranker(reverse, weight))
+    changed = 0
+    for x, got, first in zip(sources, reranked, plain):
+        candidates = beam_search(forward, torch.tensor([x]), K, alpha, max_len_b=6, n_best=K)[0]
+        assert len(candidates) == K and candidates[0].tokens == first
+        scores = [h.score + weight * log_prob_of_source(reverse, x, h.tokens) / len(x) for h in candidates]
+        best = max(range(K), key=lambda k: scores[k])
+        assert got == candidates[best].tokens
+        assert scores[best] - sorted(scores)[-2] > 1e-9 or best == 0  # not decided by a near-tie
+        changed += got != first
+    assert changed >= 2  # the reverse model does overrule the beam here
+
+
+def test_sentences_longer_than_the_reverse_models_positions_keep_the_beams_choice(caplog):
+    forward = random_model(7)
+    reverse = random_model(8, positional="learned", max_len=6)
+    sources = random_sources(9, [3, 8])  # the second source does not fit the reverse model's 6 positions
+    candidates = [beam_search(forward, torch.tensor([x]), 3, 1.0, max_len_b=2, n_best=3)[0] for x in sources]
+    with caplog.at_level(logging.WARNING):
+        chosen = rerank(ChannelReranker(reverse, 100.0), sources, candidates)
+    assert chosen[1] == candidates[1][0].tokens
+    assert "kept the beam's best" in caplog.text and "8 source tokens" in caplog.text
+    scores = [h.score + 100.0 * log_prob_of_source(reverse, sources[0], h.tokens) / 3 for h in candidates[0]]
+    assert chosen[0] == candidates[0][max(range(3), key=lambda k: scores[k])].tokens
+
+
+def test_reranking_rejects_a_negative_weight_and_greedy_search():
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        ChannelReranker(random_model(1), -0.1)
+    with pytest.raises(ValueError, match="beam_size >= 2"):
+        translate_ids(random_model(1), random_sources(1, [3]), 1, reranker=ChannelReranker(random_model(2), 0.5))
+    with pytest.raises(ValueError, match="3 sources but 2 outputs"):
+        channel_log_probs(random_model(1), random_sources(1, [3, 4, 5]), [[4], [5]])
+    assert PAD_ID not in random_sources(1, [5])[0]
