@@ -164,20 +164,42 @@ def test_evaluate_and_translate_rerank_with_a_reverse_model(run, reverse, capsys
     assert capsysbinary.readouterr().out.decode("utf-8").splitlines() == expected
 
 
-def test_reranking_with_the_wrong_model_or_settings_is_a_clear_error(run, reverse, capsys):
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_the_reverse_model_decodes_in_the_forward_models_precision(precision, run, reverse, capsysbinary):
+    ckpt = str(run / "checkpoints" / "step_10.pt")
+    argv = ["--checkpoint", ckpt, "--rerank-with", str(reverse["same"]), "--precision", precision, "--device", "cpu"]
+    args = evaluate._parser().parse_args(argv)
+    loaded, decode = cli.load_for_decoding(args, torch.device("cpu"))
+    reranker = cli.load_reranker(args, loaded, decode, torch.device("cpu"))
+    layer_types = lambda model: sorted({type(m).__name__ for m in model.modules()})  # noqa: E731
+    assert layer_types(reranker.model) == layer_types(loaded.model)
+    assert {p.dtype for p in reranker.model.parameters()} == {p.dtype for p in loaded.model.parameters()}
+    assert reranker.model is not loaded.model and reranker.weight == 0.5
+    evaluate.main(argv + ["--json", "--output", str(run / f"hyp.{precision}.txt")])
+    result = json.loads(capsysbinary.readouterr().out)
+    assert result["precision"] == precision and result["rerank_weight"] == 0.5 and result["n_sentences"] == 8
+
+
+def test_reranking_with_the_wrong_model_or_settings_is_a_clear_error(run, reverse, capsys, tmp_path):
     ckpt = str(run / "checkpoints" / "step_1.pt")
+    greedy = load_checkpoint(ckpt)
+    greedy["config"]["decode"]["beam_size"] = 1
+    save_checkpoint(greedy, tmp_path / "greedy.pt")
     base = ["--checkpoint", ckpt, "--device", "cpu"]
     for extra, fragments in (
         (["--rerank-with", ckpt], ("translates de->en", "needs a en->de model")),
         (["--rerank-with", str(reverse["other"])], (str(reverse["other"]), "vocabulary is not")),
-        (["--rerank-with", str(reverse["same"]), "--beam", "1"], ("needs a beam of 2 or more",)),
+        (["--rerank-with", str(reverse["same"])], ("needs a beam of 2 or more", "greedy.pt decodes with beam 1")),
     ):
         with pytest.raises(SystemExit) as exit:
-            evaluate.main(base + extra)
+            evaluate.main((["--checkpoint", str(tmp_path / "greedy.pt"), "--device", "cpu"]
+                           if "greedy.pt decodes with beam 1" in fragments else base) + extra)
         one_line_error(exit, *fragments)
     for extra, message in (
         (["--rerank-weight", "1"], "--rerank-weight needs --rerank-with"),
-        (["--rerank-with", str(reverse["same"]), "--rerank-weight", "-1"], "--rerank-weight must be >= 0"),
+        (["--rerank-with", str(reverse["same"]), "--rerank-weight", "-1"], "--rerank-weight must be a finite number"),
+        (["--rerank-with", str(reverse["same"]), "--rerank-weight", "nan"], "--rerank-weight must be a finite number"),
+        (["--rerank-with", str(reverse["same"]), "--beam", "1"], "--rerank-with needs --beam >= 2"),
         (["--rerank-with", str(reverse["same"]), "--engine", "ctranslate2"], "--rerank-with needs --engine torch"),
     ):
         with pytest.raises(SystemExit) as exit:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 
 import torch
 
 from .checkpoint import CheckpointError, LoadedModel, load_model
 from .config import DecodeConfig
 from .quantize import quantize_int8
-from .rerank import ChannelReranker
-
-# Chosen on Multi30k validation BLEU, both directions (docs/results.md): 0.2 to 1.0 all gain.
-RERANK_WEIGHT = 0.5
+from .rerank import DEFAULT_WEIGHT, ChannelReranker
 from .runtime import PRECISION_DTYPES, resolve_device, resolve_precision, tune_process_for
 
 
@@ -44,7 +42,7 @@ def add_rerank_arguments(parser: argparse.ArgumentParser) -> None:
                              "reranking; several checkpoints are averaged); it must share the vocabulary")
     parser.add_argument("--rerank-weight", type=float,
                         help=f"weight of the reverse model's log-probability per source token "
-                             f"(default: {RERANK_WEIGHT})")
+                             f"(default: {DEFAULT_WEIGHT})")
 
 
 def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
@@ -61,13 +59,16 @@ def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.
         parser.error("--alpha must be >= 0")
     if args.engine == "ctranslate2" and len(args.checkpoint) > 1:
         parser.error("--engine ctranslate2 takes one exported folder (average checkpoints before exporting)")
-    if getattr(args, "rerank_with", None) is not None and args.engine != "torch":
-        parser.error("--rerank-with needs --engine torch")
+    if getattr(args, "rerank_with", None) is not None:
+        if args.engine != "torch":
+            parser.error("--rerank-with needs --engine torch")
+        if args.beam is not None and args.beam < 2:
+            parser.error("--rerank-with needs --beam >= 2")
     if getattr(args, "rerank_weight", None) is not None:
         if args.rerank_with is None:
             parser.error("--rerank-weight needs --rerank-with")
-        if args.rerank_weight < 0:
-            parser.error("--rerank-weight must be >= 0")
+        if not (math.isfinite(args.rerank_weight) and args.rerank_weight >= 0):
+            parser.error("--rerank-weight must be a finite number >= 0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         device = resolve_device(args.device)
@@ -125,8 +126,8 @@ def load_reranker(
         return None
     path = args.rerank_with[-1]
     if decode.beam_size < 2:
-        raise CheckpointError(f"--rerank-with needs a beam of 2 or more, not the checkpoint's {decode.beam_size} "
-                              "(give --beam)")
+        raise CheckpointError(f"--rerank-with needs a beam of 2 or more; {args.checkpoint[-1]} decodes with beam "
+                              f"{decode.beam_size} (give --beam)")
     reverse = load_model(args.rerank_with, device)
     forward_data, reverse_data = loaded.config.data, reverse.config.data
     if (reverse_data.src_lang, reverse_data.tgt_lang) != (forward_data.tgt_lang, forward_data.src_lang):
@@ -137,7 +138,7 @@ def load_reranker(
             or reverse.tgt_tokenizer.to_bytes() != loaded.src_tokenizer.to_bytes()):
         raise CheckpointError(f"{path}: its vocabulary is not {args.checkpoint[-1]}'s with the sides swapped, so it "
                               "cannot score that model's outputs")
-    weight = RERANK_WEIGHT if args.rerank_weight is None else args.rerank_weight
+    weight = DEFAULT_WEIGHT if args.rerank_weight is None else args.rerank_weight
     return ChannelReranker(_in_precision(reverse.model, decode.precision, device), weight)
 
 
