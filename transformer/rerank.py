@@ -9,11 +9,10 @@ beam's K finished candidates gets
     score(y) = log p(y | x) / lp(|y|) + weight * log p(x | y) / |x|
 
 the first term being the beam's own length-normalised score (`transformer.search`; |y| counts the
-EOS), the second the
-reverse model's teacher-forced log-probability of the source ids (EOS included) given the
-candidate, per source token, and the best is kept. The reverse model must tokenize as the forward
-model does, with the sides swapped; the two directions' models of one training set share one joint
-vocabulary, so for them this holds.
+EOS), the second the reverse model's teacher-forced log-probability of the source ids (EOS
+included) given the candidate, per source token; the best is kept. The reverse model must
+tokenize as the forward model does, with the sides swapped; the two directions' models of one
+training set share one joint vocabulary, so for them this holds.
 """
 
 from __future__ import annotations
