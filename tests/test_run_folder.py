@@ -185,10 +185,12 @@ def test_a_run_whose_lock_is_taken_stops_without_writing_more(corpus, tmp_path, 
 
     def validate_while_another_run_takes_the_folder(*args, **kwargs):
         result = validate(*args, **kwargs)
-        write_lock(tmp_path)  # the lock deleted by hand and another run started, say
+        # The lock deleted by hand and another run started, say. That run keeps writing its lock, as
+        # a live one refreshes it, so a refresh of ours that read the file just before is undone.
         # Wait for the refresh thread to notice; generous, since a loaded machine can starve it.
         deadline = time.monotonic() + 120
         while not any("no longer held" in r.getMessage() for r in caught) and time.monotonic() < deadline:
+            write_lock(tmp_path)
             time.sleep(0.01)
         return result
 

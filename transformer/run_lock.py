@@ -175,9 +175,10 @@ class RunLock:
         """Rewrite the refresh time, if the lock is still ours (a rename, so readers never see half a file)."""
         owner = self._read()
         if owner is None or owner.get("token") != self.token:
-            log.warning("%s is no longer held by this run", self.path)
+            # The flag first: whoever sees the warning may rely on `lost` being set already.
             self.lost = True
             self._stop.set()
+            log.warning("%s is no longer held by this run", self.path)
             return
         tmp = self.path.with_name(f".{LOCK_NAME}.tmp{os.getpid()}")
         try:
