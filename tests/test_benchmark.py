@@ -32,12 +32,7 @@ import bench_decode  # noqa: E402 (on sys.path once benchmark.py is loaded)
 import bench_train  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_parameters(module: torch.nn.Module) -> int:

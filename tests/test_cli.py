@@ -28,13 +28,7 @@ def sentences(words: list[str], n: int, seed: int) -> list[str]:
     return [" ".join(words[i] for i in torch.randint(len(words), (k,), generator=generator).tolist()) for k in lengths]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared machine: one intra-op thread is many times faster than several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

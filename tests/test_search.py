@@ -14,13 +14,7 @@ from transformer.search import Hypothesis, beam_search, greedy_search, length_pe
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared machine: one intra-op thread is many times faster than several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(seed: int, vocab: int = 20, dtype: torch.dtype = torch.float64, **kwargs) -> Transformer:
