@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli import WORDS_DE, one_line_error, one_thread, run, sentences  # noqa: F401 (fixtures)
+from test_cli import WORDS_DE, one_line_error, run, sentences  # noqa: F401 (fixtures)
 from transformer import attention_plot, average, evaluate, translate
 from transformer.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint, tokenizer_state
 from transformer.config import TokenizerConfig, config_to_dict
 from transformer.tokenizer import train_tokenizer
 from transformer.translator import translate as translate_texts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def temp_files(folder: Path) -> list[Path]:
