@@ -9,6 +9,7 @@ machine runs every test on the CPU and skips none, and a GPU machine runs them o
 * `Dropout` (our CPU mask, `F.dropout` elsewhere): kept elements x / (1 - p) rounded once in x's
   dtype, the drop rate, and a gradient that is the forward's mask times the scale;
 * beam and greedy search with and without the key/value cache, against each other and the CPU;
+* noisy-channel reranking: the reverse model's scores and the reranked choices, against the CPU;
 * one short training run per device and precision through `transformer-train`'s entry point, and
   its checkpoint loaded back with `transformer.checkpoint.load_model` and used on the device.
 """
@@ -33,7 +34,8 @@ from transformer.model import Dropout, Transformer
 from transformer.search import beam_search, greedy_search
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer.train import main as train_main
-from transformer.translator import translate
+from transformer.rerank import ChannelReranker, channel_log_probs
+from transformer.translator import translate, translate_ids
 
 # Helpers of the neighbouring test modules (tests/ is on sys.path under pytest's default import
 # mode, as for conftest.py).
@@ -251,6 +253,19 @@ def test_beam_search_with_and_without_cache_agree_and_match_the_cpu(device):
     greedy = greedy_search(model, src.to(device), max_len_b=8)
     assert greedy == greedy_search(model, src.to(device), max_len_b=8, use_cache=False)
     assert greedy == greedy_search(reference, src, max_len_b=8)
+
+
+def test_noisy_channel_reranking_on_device_matches_the_cpu(device):
+    forward, reverse = random_model(4, dtype=torch.float64), random_model(5, dtype=torch.float64)
+    sources = [row[row != PAD_ID].tolist() for row in random_source(6, [3, 5, 8, 4, 7, 6])]
+    outputs = [source[:-1][::-1] for source in sources]  # any ids will do for the channel scores
+    cpu_scores = channel_log_probs(reverse, sources, outputs, batch_tokens=20)
+    on_device = copy.deepcopy(reverse).to(device)
+    assert channel_log_probs(on_device, sources, outputs, batch_tokens=20) == pytest.approx(cpu_scores, abs=1e-9)
+    reranker = ChannelReranker(on_device, 3.0)
+    chosen = translate_ids(copy.deepcopy(forward).to(device), sources, 4, 1.0, max_len_b=6, reranker=reranker)
+    assert chosen == translate_ids(forward, sources, 4, 1.0, max_len_b=6, reranker=ChannelReranker(reverse, 3.0))
+    assert chosen != translate_ids(forward, sources, 4, 1.0, max_len_b=6)  # the reverse model changed choices
 
 
 # ---------------------------------------------------------------------------------------------
