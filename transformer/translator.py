@@ -94,14 +94,12 @@ def translate_ids(
         src = src.to(device)
         if beam_size == 1:
             found = greedy_search(model, src, max_len_a, max_len_b, bos_id=BOS_ID, eos_id=EOS_ID, use_cache=use_cache)
-        elif reranker is None:
-            hypotheses = beam_search(model, src, beam_size, length_penalty, max_len_a, max_len_b,
-                                     bos_id=BOS_ID, eos_id=EOS_ID, use_cache=use_cache)
-            found = [h[0].tokens for h in hypotheses]
         else:
-            hypotheses = beam_search(model, src, beam_size, length_penalty, max_len_a, max_len_b, n_best=beam_size,
+            n_best = 1 if reranker is None else beam_size  # the reranker weighs every finished candidate
+            hypotheses = beam_search(model, src, beam_size, length_penalty, max_len_a, max_len_b, n_best=n_best,
                                      bos_id=BOS_ID, eos_id=EOS_ID, use_cache=use_cache)
-            found = rerank(reranker, rows, hypotheses, batch_tokens)
+            found = ([h[0].tokens for h in hypotheses] if reranker is None
+                     else rerank(reranker, rows, hypotheses, batch_tokens))
         for j, ids in zip(batch, found):
             outputs[nonempty[j]] = ids
     return outputs
