@@ -1,5 +1,7 @@
 """Shared test settings and fixtures."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -27,3 +29,85 @@ def attention_kernel(request, monkeypatch):
     if request.param == "fused":
         monkeypatch.setattr(attention_module, "CPU_WRITTEN_OUT_MAX_KEYS", 0)
     return request.param
+
+
+TINY_WORDS = {
+    "de": "ein mann eine frau kind hund spielt läuft im park auf der straße mit einem ball schnell".split(),
+    "en": "a man woman child dog plays runs in the park on street with ball quickly".split(),
+}
+
+
+def tiny_sentences(words: list[str], n: int, seed: int) -> list[str]:
+    """`n` seeded random sentences of 3 to 8 of `words`."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 9, (n,), generator=generator).tolist()
+    return [" ".join(words[i] for i in torch.randint(len(words), (k,), generator=generator).tolist()) for k in lengths]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A de->en run folder of a tiny untrained model, small enough to load in milliseconds.
+
+    It holds data/{train,valid,test}.{de,en}, config.yaml (training on that data into this folder)
+    and checkpoints/step_1.pt and step_2.pt (different weights, the same config and joint vocabulary,
+    shared embeddings, so that they average and export). Tests must not change it: copy what they alter.
+    """
+    from transformer.checkpoint import save_checkpoint, tokenizer_state
+    from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, TrainConfig
+    from transformer.config import config_to_dict, save_config
+    from transformer.model import Transformer
+    from transformer.tokenizer import PAD_ID, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = root / "data"
+    data.mkdir()
+    for split, seed, n in (("train", 0, 200), ("valid", 1, 6), ("test", 2, 8)):
+        for lang, offset in (("de", 0), ("en", 10)):
+            text = "\n".join(tiny_sentences(TINY_WORDS[lang], n, seed + offset)) + "\n"
+            (data / f"{split}.{lang}").write_text(text, encoding="utf-8")
+    texts = [line for lang in ("de", "en") for line in (data / f"train.{lang}").read_text(encoding="utf-8").split("\n")]
+    tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=100), root / "spm")
+    cfg = Config(
+        model=ModelConfig(d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=1, dropout=0.0,
+                          max_len=64, share_embeddings=True),
+        data=DataConfig(local_dir=str(data), valid_split="valid", test_split="test", max_len=50),
+        decode=DecodeConfig(beam_size=2, max_len_a=1.0, max_len_b=4),
+        train=TrainConfig(output_dir=str(root), device="cpu", max_steps=2),
+    )
+    save_config(cfg, root / "config.yaml")
+    for step in (1, 2):
+        torch.manual_seed(step)
+        model = Transformer.from_config(cfg.model, tokenizer.vocab_size, tokenizer.vocab_size, PAD_ID)
+        state = {"config": config_to_dict(cfg), "model": model.state_dict(),
+                 "tokenizers": tokenizer_state(tokenizer, tokenizer), "step": step}
+        save_checkpoint(state, root / "checkpoints" / f"step_{step}.pt")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_ctranslate2(tiny_run, tmp_path_factory) -> Path:
+    """`tiny_run`'s step_1.pt exported with `transformer-export --format ctranslate2`. Tests must not change it."""
+    pytest.importorskip("ctranslate2")
+    from transformer import export
+
+    folder = tmp_path_factory.mktemp("tiny_ctranslate2") / "ct2"
+    export.main(["--checkpoint", str(tiny_run / "checkpoints" / "step_1.pt"), "--format", "ctranslate2",
+                 "--output", str(folder)])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_run, tmp_path_factory) -> Path:
+    """A language-model checkpoint as examples/language_model.py writes it, read by `transformer-generate`."""
+    import sentencepiece as spm
+
+    from transformer.model import TransformerLM
+
+    vocab_size = spm.SentencePieceProcessor(model_file=str(tiny_run / "spm.model")).vocab_size()
+    settings = dict(vocab_size=vocab_size, d_model=16, n_heads=2, d_ff=32, n_layers=1, dropout=0.0, max_len=32)
+    torch.manual_seed(0)
+    model = TransformerLM(**settings)
+    proto = torch.frombuffer(bytearray((tiny_run / "spm.model").read_bytes()), dtype=torch.uint8)
+    path = tmp_path_factory.mktemp("tiny_lm") / "lm.pt"
+    torch.save({"settings": settings, "model": model.state_dict(), "tokenizer": proto}, path)
+    return path

@@ -159,8 +159,8 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
         models' float tensors (kept in float64 while summing). Training state is dropped.
 
     Raises:
-        CheckpointError: a file that does not load, or one whose model config or tokenizers differ
-            from the first file's (named in the message).
+        CheckpointError: a file that does not load, or one whose model config, language pair or
+            tokenizers differ from the first file's (named in the message).
     """
     if not paths:
         raise CheckpointError("no checkpoints to average")
@@ -192,13 +192,19 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
 
 
 def _check_same_run(first: dict[str, Any], other: dict[str, Any], first_path: str | Path, path: str | Path) -> None:
-    """Refuse to average checkpoints whose models or tokenizers differ: the mean would be meaningless."""
+    """Refuse to average checkpoints whose models, language pairs or tokenizers differ: the mean would be meaningless."""
     model_a, model_b = (s.get("config", {}).get("model", {}) for s in (first, other))
     differing = [key for key in sorted(set(model_a) | set(model_b)) if model_a.get(key) != model_b.get(key)]
     if differing:
         key = differing[0]
         raise CheckpointError(f"{path}: model.{key} is {model_b.get(key)!r}, in {first_path} it is {model_a.get(key)!r}; "
                               "checkpoints of different models cannot be averaged")
+    # A joint vocabulary and equal shapes do not make two directions one model.
+    data_a, data_b = (s.get("config", {}).get("data", {}) for s in (first, other))
+    pair_a, pair_b = (f"{data.get('src_lang')}->{data.get('tgt_lang')}" for data in (data_a, data_b))
+    if pair_a != pair_b:
+        raise CheckpointError(f"{path}: translates {pair_b}, {first_path} translates {pair_a}; "
+                              "checkpoints of different language pairs cannot be averaged")
     for side in ("src", "tgt"):
         a, b = (s.get("tokenizers", {}).get(side) for s in (first, other))
         if a is None or b is None or not torch.equal(a, b):
