@@ -174,11 +174,15 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict[str, Any]:
             raise CheckpointError(f"{path}: holds no model parameters")
         if total and model.keys() != total.keys():
             raise CheckpointError(f"{path}: its parameters differ from {paths[0]}; cannot average")
+        check_finite(model, path)
         if first is None:
             first = {key: state[key] for key in ("config", "tokenizers") if key in state}  # not its optimizer state
         else:
             _check_same_run(first, state, paths[0], path)
         for name, tensor in model.items():
+            if name in total and tensor.shape != total[name].shape:
+                raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, in {paths[0]} it has "
+                                      f"{tuple(total[name].shape)}; cannot average")
             if tensor.is_floating_point():
                 total[name] = total.get(name, 0) + tensor.double()
             else:
@@ -347,7 +351,47 @@ def load_model(paths: Sequence[str | Path], device: str | torch.device = "cpu") 
     src_tok, tgt_tok = checkpoint_tokenizers(state, config.tokenizer.joint, path)
     try:
         model = Transformer.from_config(config.model, src_tok.vocab_size, tgt_tok.vocab_size, PAD_ID)
+        check_weights(model, state["model"], path)
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"{path}: inconsistent checkpoint ({str(e).splitlines()[0][:200]})") from None
     return LoadedModel(model.to(device).eval(), config, src_tok, tgt_tok)
+
+
+def check_finite(weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse weights holding NaN or infinity: decoding with them writes garbage or fails inside the search.
+
+    Raises:
+        CheckpointError: naming the file and its first non-finite tensor.
+    """
+    for name, tensor in weights.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{path}: tensor {name} is not finite ({bad} of its {tensor.numel()} values are NaN "
+                                  "or infinite); a model with such weights cannot be used")
+
+
+def check_weights(model: torch.nn.Module, weights: Any, path: str | Path) -> None:
+    """Refuse weights that `model.load_state_dict` would not take, or that are not finite, naming the tensor.
+
+    `load_state_dict` reports every mismatch in a many-line message; this names the first one, with
+    the shape found and the shape the model needs.
+
+    Raises:
+        CheckpointError: one line naming the file and the tensor missing, unexpected, of the wrong
+            shape, or not finite.
+    """
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: holds no model parameters")
+    expected = model.state_dict()
+    for name, tensor in expected.items():
+        found = weights.get(name)
+        if not isinstance(found, torch.Tensor):
+            raise CheckpointError(f"{path}: no tensor {name}, which the model of its config needs")
+        if found.shape != tensor.shape:
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(found.shape)}, the model of its config "
+                                  f"needs {tuple(tensor.shape)}")
+    unexpected = [name for name in weights if name not in expected]
+    if unexpected:
+        raise CheckpointError(f"{path}: tensor {unexpected[0]} is not part of the model of its config")
+    check_finite(weights, path)

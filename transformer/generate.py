@@ -14,6 +14,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from transformer.checkpoint import CheckpointError, check_weights
 from transformer.model import TransformerLM
 
 class LMCheckpointError(ValueError):
@@ -33,8 +34,11 @@ def load_lm(path: Path) -> tuple[TransformerLM, spm.SentencePieceProcessor]:
         raise LMCheckpointError(f"{path}: not a language-model checkpoint (missing {', '.join(missing)})")
     try:
         model = TransformerLM(**state["settings"])
+        check_weights(model, state["model"], path)
         model.load_state_dict(state["model"])
         tokenizer = spm.SentencePieceProcessor(model_proto=state["tokenizer"].numpy().tobytes())
+    except CheckpointError as e:  # a tensor missing, of the wrong shape, or not finite
+        raise LMCheckpointError(str(e)) from None
     except (TypeError, RuntimeError, ValueError) as e:
         raise LMCheckpointError(f"{path}: inconsistent checkpoint ({str(e).splitlines()[0][:200]})") from None
     return model.eval(), tokenizer
