@@ -16,6 +16,7 @@ import torch
 
 from transformer.config import Config
 from transformer.data import Batch, collate, encode_pairs, load_split, make_batches
+from transformer.precision import BF16_MIN_SPEEDUP, ProbeShape, bf16_speedup
 from transformer.runtime import has_native_bf16
 from transformer.tokenizer import PAD_ID, Tokenizer, load_or_train_tokenizers
 from transformer.translator import source_ids
@@ -109,8 +110,9 @@ def pass_seconds(times: list[list[float]]) -> float:
     return sum(statistics.median(column) for column in zip(*times))
 
 
-def machine() -> dict:
-    """CPU model, cores, library versions and threads."""
+def machine(cfg: Config) -> dict:
+    """CPU model, cores, library versions, threads, and bf16's speed against float32 on the CPU as
+    `precision: auto` measures it for `cfg`'s training shapes."""
     cpu = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -120,6 +122,9 @@ def machine() -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": has_native_bf16(torch.device("cpu"))}
+    shape = ProbeShape.of(cfg.model.d_model, cfg.model.d_ff, cfg.tokenizer.vocab_size, cfg.train.max_tokens, training=True)
+    speedup, _, _ = bf16_speedup(shape)
+    info["bf16_speedup"], info["bf16_choice"] = speedup, "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
     with contextlib.suppress(ImportError):
         import transformers
         info["transformers"] = transformers.__version__

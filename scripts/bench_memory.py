@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from transformer.config import Config
-from transformer.runtime import resolve_precision
+from transformer.precision import ProbeShape, choose_precision
 
 from bench_common import load_setup, progress, table
 from bench_decode import decode_batches, decoders
@@ -52,7 +52,8 @@ def memory_job(job: str, cfg: Config, args: argparse.Namespace) -> dict:
     if job.startswith("train"):
         trainer = build_trainers(cfg, setup.vocab_size, args.seed)["ours" if job == "train-ours" else "nn.Transformer"]
         optimizer = adam(trainer)
-        precision = resolve_precision(cfg.train.precision, torch.device("cpu"))  # as the config trains here
+        shape = ProbeShape.of(cfg.model.d_model, cfg.model.d_ff, setup.vocab_size, cfg.train.max_tokens, training=True)
+        precision = choose_precision(cfg.train.precision, torch.device("cpu"), shape).precision  # as the config trains here
         peak_reset, baseline = reset_peak_rss(), rss_mib()
         for batch in setup.train_batches:
             train_step(trainer, optimizer, batch, precision)

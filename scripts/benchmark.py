@@ -61,7 +61,7 @@ def report(results: dict) -> str:
     """The markdown tables of whatever sections ran."""
     m = results["machine"]
     out = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['capability']}, "
-           + ("native bf16" if m["native_bf16"] else "no native bf16") + f"; torch {m['torch']}"
+           + f"bf16 probe {m['bf16_speedup']:.2f}x float32 (auto trains in {m['bf16_choice']})" + f"; torch {m['torch']}"
            + (f", transformers {m['transformers']}" if "transformers" in m else "") + f"; torch threads: {m['threads']}."]
     for section, lines in (("train", report_train), ("flops", report_flops), ("decode", report_decode),
                            ("memory", report_memory), ("deploy", report_deploy)):
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sections = args.only or [s for s in SECTIONS if s != "deploy" or args.checkpoint]
     if "deploy" in sections and not args.checkpoint:
         sys.exit("error: --only deploy needs --checkpoint")
-    results: dict = {"machine": machine(), "args": vars(args)}
+    results: dict = {"machine": machine(cfg), "args": vars(args)}
     if {"train", "flops", "decode"} & set(sections):
         progress("loading data and tokenizer")
         setup = load_setup(cfg, args.batches, args.decode_sentences)

@@ -1,11 +1,15 @@
 """Shared test settings and fixtures."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 import transformer.model.attention as attention_module
+
+# No test reads or writes the user's cache of precision measurements: "auto" measures afresh.
+os.environ["TRANSFORMER_PRECISION_CACHE"] = "off"
 
 # The tests use tiny tensors, for which a second OpenMP thread costs more than it gives, and CI
 # machines are shared: one thread keeps timings stable.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer import attention_plot, average, cli, evaluate, runtime, translate
+from transformer import attention_plot, average, cli, evaluate, precision, runtime, translate
 from transformer.checkpoint import load_checkpoint, load_model, save_checkpoint, tokenizer_state
 from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, config_to_dict
 from transformer.model import Transformer
@@ -95,8 +95,10 @@ def test_evaluate_reports_scores_and_writes_hypotheses(run, capsys):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_precision_puts_the_model_in_bf16_and_auto_follows_the_hardware(native, run, capsys, caplog, monkeypatch):
-    monkeypatch.setattr(runtime, "has_native_bf16", lambda device: native)
+def test_precision_puts_the_model_in_bf16_and_auto_follows_the_measurement(native, run, capsys, caplog, monkeypatch):
+    # The probe measures bf16 at 2x float32's speed, or at half of it.
+    timings = {"fp32": 1.0, "bf16": 0.5 if native else 2.0}
+    monkeypatch.setattr(precision, "measure_probe", lambda shape, name, repeats: timings[name])
     ckpt = str(run / "checkpoints" / "step_1.pt")
     parser = evaluate._parser()
     for flag, expected in ((None, "fp32"), ("bf16", "bf16"), ("fp32", "fp32"), ("auto", "bf16" if native else "fp32")):
@@ -106,8 +108,8 @@ def test_precision_puts_the_model_in_bf16_and_auto_follows_the_hardware(native, 
             loaded, decode = cli.load_for_decoding(args, torch.device("cpu"))
         assert decode.precision == expected
         assert {p.dtype for p in loaded.model.parameters()} == {runtime.PRECISION_DTYPES[expected]}
-        # Asking for bf16 where it is emulated is allowed, with a warning that it is slow.
-        assert ("no native bf16" in caplog.text) == (flag == "bf16" and not native)
+        # Asking for bf16 where it measures slower is allowed, with a warning that gives the figure.
+        assert ("measured 0.50x float32's speed" in caplog.text) == (flag == "bf16" and not native)
     evaluate.main(["--checkpoint", ckpt, "--json", "--device", "cpu", "--precision", "bf16"])
     result = json.loads(capsys.readouterr().out)
     assert result["precision"] == "bf16" and result["n_sentences"] == 8 and 0.0 <= result["bleu"] <= 100.0

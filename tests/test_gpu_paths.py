@@ -31,6 +31,7 @@ from transformer.checkpoint import load_checkpoint, run_checkpoints
 from transformer.config import load_config
 from transformer.data import ParallelData, collate
 from transformer.loss import TranslationLoss, label_smoothed_cross_entropy
+from transformer.precision import ProbeShape, choose_precision
 from transformer.search import Hypothesis, beam_search, greedy_search
 from transformer.tokenizer import EOS_ID, PAD_ID
 from transformer.train import Ranks, main, optimizer_step, train
@@ -289,10 +290,15 @@ def two_gpus(monkeypatch):
 
 
 def test_auto_precision_follows_the_capability_of_the_gpu_asked_for(two_gpus):
-    assert runtime.resolve_precision("auto", torch.device("cuda:0")) == "fp32"
-    assert runtime.resolve_precision("auto", torch.device("cuda:1")) == "bf16"
+    def never(*args):
+        raise AssertionError("a GPU's precision is decided by its compute capability, not by the CPU probe")
+
+    shape = ProbeShape.of(64, 128, 100, 100, training=True)
+    choose = lambda setting, device: choose_precision(setting, torch.device(device), shape, never).precision  # noqa: E731
+    assert choose("auto", "cuda:0") == "fp32"
+    assert choose("auto", "cuda:1") == "bf16"
     assert [runtime.has_native_bf16(torch.device(f"cuda:{i}")) for i in (0, 1)] == [False, True]
-    assert runtime.resolve_precision("fp16", torch.device("cuda:0")) == "fp16"
+    assert choose("fp16", "cuda:0") == "fp16"
 
 
 def test_device_choice_under_torchrun(two_gpus):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from transformer import evaluate, translate
-from transformer import runtime
+from transformer import precision
 from transformer import train as train_module
 from transformer.checkpoint import load_checkpoint, run_checkpoints
 from transformer.config import ConfigError, TrainConfig, load_config
@@ -324,8 +324,9 @@ def test_max_epochs_counts_whole_passes_over_the_data(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_trains_in_bf16_only_where_bf16_is_native(native, corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(runtime, "has_native_bf16", lambda device: native)
+def test_auto_precision_trains_in_bf16_only_where_bf16_measures_faster(native, corpus, tmp_path, monkeypatch):
+    timings = {"fp32": 1.0, "bf16": 0.5 if native else 2.0}
+    monkeypatch.setattr(precision, "measure_probe", lambda shape, name, repeats: timings[name])
     casts = []
     autocast = torch.autocast
     monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: casts.append(kwargs["dtype"]) or autocast(*args, **kwargs))
@@ -336,6 +337,21 @@ def test_auto_precision_trains_in_bf16_only_where_bf16_is_native(native, corpus,
     assert load_config(tmp_path / "config.yaml").train.precision == expected
     assert load_checkpoint(run_checkpoints(tmp_path)[-1])["config"]["train"]["precision"] == expected
     assert (set(casts) == {torch.bfloat16}) if native else not casts
+
+
+def test_a_resumed_run_keeps_its_recorded_precision_and_never_measures_again(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "measure_probe", lambda shape, name, repeats: {"fp32": 1.0, "bf16": 0.5}[name])
+    settings = dict(train_precision="auto", train_eval_bleu_sentences=0, train_average_last=1)
+    train(load_config(CONFIG, overrides(corpus, tmp_path, train_max_steps=2, **settings)))
+
+    def measured(*args):
+        raise AssertionError("a resumed run measured the precision again")
+
+    monkeypatch.setattr(precision, "measure_probe", measured)
+    train(load_config(CONFIG, overrides(corpus, tmp_path, train_max_steps=4, **settings)), resume=True)
+    assert load_config(tmp_path / "config.yaml").train.precision == "bf16"
+    assert load_checkpoint(run_checkpoints(tmp_path)[-1])["step"] == 4
+    assert load_checkpoint(run_checkpoints(tmp_path)[-1])["config"]["train"]["precision"] == "bf16"
 
 
 def test_train_gives_back_the_signal_handlers_it_installed(corpus, tmp_path):

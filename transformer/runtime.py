@@ -148,17 +148,3 @@ def has_native_bf16(device: torch.device) -> bool:
         return False
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(check is not None and check() for check in checks)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """Turn a precision setting into the one to use: "auto" is "bf16" where `has_native_bf16`, else "fp32".
-
-    "fp32", "bf16" and "fp16" are returned as given; bf16 on a device without native bf16 is
-    allowed (it is correct, only slow) but logged as a warning.
-    """
-    if precision == "auto":
-        return "bf16" if has_native_bf16(device) else "fp32"
-    if precision == "bf16" and not has_native_bf16(device):
-        log.warning("bf16 requested on %s, which has no native bf16 matrix instructions: expect it to be much slower "
-                    "than fp32", device)
-    return precision

@@ -40,10 +40,11 @@ from .data import (
 from .loss import TranslationLoss
 from .model import Transformer
 from .plot import plot_metrics
+from .precision import ProbeShape, choose_precision
 from .prepare import ensure_prepared
 from .prepared import PreparedData
 from .run_lock import RunLock, RunLockedError
-from .runtime import resolve_device, resolve_precision, tune_process_for, use_tf32
+from .runtime import resolve_device, tune_process_for, use_tf32
 from .schedule import cooldown_factor, noam_lr
 from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers, load_or_train_tokenizers, sample_pairs
 from .translator import translate
@@ -386,6 +387,26 @@ def optimizer_step(
     return finite, loss_total
 
 
+def run_precision(cfg: Config, device: torch.device, ranks: Ranks, recorded: Config | None) -> str:
+    """train.precision resolved for this run (see `precision.choose_precision`).
+
+    A resumed run whose setting is "auto" keeps the precision its checkpoint recorded, so that it
+    replays bit for bit, and is never decided again. Otherwise global rank 0 decides, logs the
+    probe's figure, and every rank follows it.
+    """
+    tc = cfg.train
+    if recorded is not None and tc.precision == "auto" and recorded.train.precision != "auto":
+        log.info("precision: %s, as the run recorded it", recorded.train.precision)
+        return recorded.train.precision
+    choice = None
+    if ranks.rank == 0:
+        shape = ProbeShape.of(cfg.model.d_model, cfg.model.d_ff, cfg.tokenizer.vocab_size, tc.max_tokens, training=True)
+        choice = choose_precision(tc.precision, device, shape)
+        if tc.precision == "auto":
+            log.info("precision: %s", choice.describe())
+    return ranks.gather_objects(None if choice is None else choice.precision)[0]
+
+
 def run_device(tc: TrainConfig) -> torch.device:
     """The device of this process: `train.device` for the rank `torchrun` gave it (LOCAL_RANK, WORLD_SIZE).
 
@@ -472,17 +493,19 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
         torch.set_num_threads(tc.threads)
     if tc.keep_last < tc.average_last:
         raise ConfigError(f"train.keep_last ({tc.keep_last}) must be >= train.average_last ({tc.average_last})")
-    # "auto" becomes what this device runs fastest; the run's config.yaml and checkpoints record the result.
-    cfg = replace(cfg, train=replace(tc, precision=resolve_precision(tc.precision, device)))
-    tc = cfg.train
-    autocast(tc.precision, device)  # validates precision against the device before any work
     is_main = rank == 0
     run_dir = Path(tc.output_dir)
 
     resume_state, skipped = None, []
     if resume:
         resume_path, resume_state, skipped = load_resume_checkpoint(run_dir)
-        changes = resume_changes(checkpoint_config(resume_state, resume_path), cfg, resume_state["step"])
+        recorded = checkpoint_config(resume_state, resume_path)
+    # "auto" becomes what this device runs fastest; the run's config.yaml and checkpoints record the result.
+    cfg = replace(cfg, train=replace(tc, precision=run_precision(cfg, device, ranks, recorded if resume else None)))
+    tc = cfg.train
+    autocast(tc.precision, device)  # validates precision against the device before any work
+    if resume:
+        changes = resume_changes(recorded, cfg, resume_state["step"])
         log.info("resuming from %s", resume_path)
         for change in changes:
             log.info("resumed with a changed setting: %s", change)
