@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer import attention_plot, average, evaluate, export, generate, translate
+from transformer import attention_plot, average, cli, evaluate, export, generate, translate
 from transformer.checkpoint import load_checkpoint, save_checkpoint, save_safetensors
+from transformer.config import ConfigError, load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,6 +19,19 @@ def one_line_error(exit: pytest.ExceptionInfo, *fragments: str) -> str:
     assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
     assert all(f in message for f in fragments), message
     return message
+
+
+def usage_error(exit: pytest.ExceptionInfo, capsys: pytest.CaptureFixture, *fragments: str) -> str:
+    """argparse's refusal: exit status 2, and after its usage line one error line holding `fragments`."""
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert ": error: " in line and all(f in line for f in fragments), err
+    return line
+
+
+def never(*args, **kwargs):
+    raise AssertionError("called after a refused argument")
 
 
 def variant(source: Path, path: Path, change) -> Path:
@@ -110,3 +124,62 @@ def test_a_tensor_of_the_wrong_shape_is_named_with_both_shapes(tiny_run, tmp_pat
         evaluate.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--device", "cpu"])
     one_line_error(exit, "missing.safetensors", WEIGHT)
     assert not (tmp_path / "hyp.txt").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_export_refuses_a_non_finite_length_penalty_before_loading(value, tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(export, "load_model", never)
+    for fmt in ("hf", "ctranslate2"):
+        with pytest.raises(SystemExit) as exit:
+            export.main(["--checkpoint", str(tiny_run / "checkpoints" / "step_1.pt"), "--format", fmt,
+                         f"--length-penalty={value}", "--output", str(tmp_path / "out")])
+        usage_error(exit, capsys, "--length-penalty", "finite", value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_never_writes_a_non_finite_number_into_its_json(tiny_run, tmp_path):
+    with pytest.raises(export.ExportError, match="length penalty"):
+        export.export([tiny_run / "checkpoints" / "step_1.pt"], tmp_path / "out", "hf", length_penalty=float("nan"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "-1"),
+    ("--top-p", "nan"), ("--top-p", "inf"), ("--top-p", "0"), ("--top-p", "1.5"),
+    ("--top-k", "-1"), ("--seed", str(2**64)), ("--seed", "-1"),
+])
+def test_generate_refuses_non_finite_or_out_of_range_sampling_values(option, value, tiny_lm, capsys, monkeypatch):
+    monkeypatch.setattr(generate, "load_lm", never)
+    with pytest.raises(SystemExit) as exit:
+        generate.main([str(tiny_lm), "--prompt", "ein", option, value])
+    usage_error(exit, capsys, option)
+
+
+@pytest.mark.parametrize("command", [evaluate, translate, attention_plot])
+@pytest.mark.parametrize("option, value", [("--alpha", "nan"), ("--alpha", "inf"), ("--alpha", "-1")])
+def test_decoding_commands_refuse_a_non_finite_length_penalty(command, option, value, tiny_run, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "load_model", never)
+    argv = ["--checkpoint", str(tiny_run / "checkpoints" / "step_1.pt"), "--device", "cpu", option, value]
+    if command is attention_plot:
+        argv += ["--sentence", "ein hund"]
+    with pytest.raises(SystemExit) as exit:
+        command.main(argv)
+    usage_error(exit, capsys, option)
+
+
+@pytest.mark.parametrize("override", ["decode.length_penalty=.inf", "train.lr_scale=.nan", "model.dropout=.nan",
+                                      "train.clip_norm=-.inf",
+                                      pytest.param("train.max_minutes=1" + "0" * 400, id="an int beyond float")])
+def test_config_floats_must_be_finite(override):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
+
+
+def test_attention_refuses_the_ctranslate2_engine_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(attention_plot, "load_for_decoding", never)
+    with pytest.raises(SystemExit) as exit:
+        attention_plot.main(["--checkpoint", str(tmp_path / "ct2"), "--engine", "ctranslate2",
+                             "--sentence", "ein hund", "--output", str(tmp_path / "a.png")])
+    usage_error(exit, capsys, "--engine ctranslate2", "cross-attention")
+    assert list(tmp_path.iterdir()) == []

@@ -90,6 +90,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.max_tokens < 2:
         parser.error("--max-tokens must be >= 2")
+    if args.engine == "ctranslate2":
+        parser.error("--engine ctranslate2 cannot be drawn: CTranslate2 returns cross-attention only, not the "
+                     "encoder and decoder self-attention maps drawn here; give the checkpoint with --engine torch")
     device = prepare(parser, args)
     try:
         loaded, decode = load_for_decoding(args, device)

@@ -10,7 +10,7 @@ import math
 import torch
 
 from .checkpoint import CheckpointError, LoadedModel, load_model
-from .config import DecodeConfig
+from .config import DecodeConfig, finite_float
 from .quantize import quantize_int8
 from .precision import ProbeShape, choose_precision
 from .rerank import DEFAULT_WEIGHT, ChannelReranker
@@ -27,7 +27,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_tokens: bool = Tr
                         help="decode with this package (torch) or with a model exported by transformer-export "
                              "--format ctranslate2 (default: torch)")
     parser.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's)")
-    parser.add_argument("--alpha", type=float, help="length penalty alpha (default: the checkpoint's; with "
+    parser.add_argument("--alpha", type=finite_float, help="length penalty alpha (default: the checkpoint's; with "
                         "ctranslate2 the export's, in its form log p / length^alpha)")
     if batch_tokens:
         parser.add_argument("--batch-tokens", type=int, help="source tokens per batch (default: the checkpoint's)")

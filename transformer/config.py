@@ -13,8 +13,10 @@ top of the data flow.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,11 +209,28 @@ def _check_type(key: str, value: Any, tp: Any, source: str) -> Any:
             return value
     elif base is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float's range
+                number = math.inf
+            if math.isfinite(number):
+                return number
+            raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r:.40}")
     elif base is str:
         if isinstance(value, str):
             return value
     raise ConfigError(f"{source}: '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def finite_float(text: str) -> float:
+    """An argparse `type`: a finite number (argparse's `float` takes "nan" and "inf")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
 
 
 def _set(cfg: Config, key: str, value: Any, source: str, raw: str | None = None) -> None:

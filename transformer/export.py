@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -39,7 +40,7 @@ import torch
 import yaml
 
 from .checkpoint import CheckpointError, LoadedModel, load_model
-from .config import Config, config_to_dict
+from .config import Config, config_to_dict, finite_float
 from .model import Transformer
 from .model.positional import sinusoidal_table
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
@@ -194,7 +195,7 @@ def save_marian_tokenizer(loaded: LoadedModel, folder: Path) -> None:
         spm_path = Path(tmp) / "source.spm"
         spm_path.write_bytes(tokenizer.to_bytes())
         vocab_path = Path(tmp) / "vocab.json"
-        vocab_path.write_text(json.dumps({piece: i for i, piece in enumerate(pieces)}, ensure_ascii=False),
+        vocab_path.write_text(json.dumps({piece: i for i, piece in enumerate(pieces)}, ensure_ascii=False, allow_nan=False),
                               encoding="utf-8")
         marian = MarianTokenizer(
             str(spm_path), str(spm_path), str(vocab_path), source_lang=loaded.config.data.src_lang,
@@ -358,6 +359,8 @@ def export(
         CheckpointError: a checkpoint that is missing or not one of this package's.
         ExportError: an unsupported model setting, an occupied output, or a missing library.
     """
+    if not math.isfinite(length_penalty):  # JSON has no NaN or infinity: the file would not parse
+        raise ExportError(f"the length penalty must be a finite number, not {length_penalty}")
     check_output(output)
     loaded = load_model(checkpoints)
     check_exportable(loaded.config)
@@ -392,7 +395,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=FORMATS, required=True, help="hf (MarianMTModel) or ctranslate2")
     parser.add_argument("--quantization", choices=CT2_QUANTIZATIONS, default="float32",
                         help="ctranslate2 only: weight type (default: float32)")
-    parser.add_argument("--length-penalty", type=float, default=1.0,
+    parser.add_argument("--length-penalty", type=finite_float, default=1.0,
                         help="generation default, Hugging Face's form: log p / length^penalty (default: 1.0)")
     parser.add_argument("--output", type=Path, required=True, help="folder to create (new, or empty)")
     return parser

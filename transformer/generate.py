@@ -15,6 +15,7 @@ import sentencepiece as spm
 import torch
 
 from transformer.checkpoint import CheckpointError, check_weights
+from transformer.config import finite_float
 from transformer.model import TransformerLM
 
 class LMCheckpointError(ValueError):
@@ -53,9 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="text to continue; repeat for several (default: start from nothing)")
     parser.add_argument("--num", type=int, default=1, help="continuations per prompt (default: 1)")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="most tokens added (default: 40)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default: 1.0)")
+    parser.add_argument("--temperature", type=finite_float, default=1.0, help="0 = greedy (default: 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="sample within the nucleus of mass p (1: all)")
+    parser.add_argument("--top-p", type=finite_float, default=1.0, help="sample within the nucleus of mass p (1: all)")
     parser.add_argument("--seed", type=int, default=1, help="random seed of the sampling (default: 1)")
     return parser
 
@@ -65,8 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.num < 1 or args.max_new_tokens < 1:
         parser.error("--num and --max-new-tokens must be >= 1")
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        parser.error("--temperature and --top-k must be >= 0 and --top-p in (0, 1]")
+    if args.temperature < 0:
+        parser.error(f"--temperature must be >= 0 (0: greedy), not {args.temperature}")
+    if args.top_k < 0:
+        parser.error(f"--top-k must be >= 0 (0: all tokens), not {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1] (1: all tokens), not {args.top_p}")
+    if not 0 <= args.seed < 2**64:  # what torch's generator takes
+        parser.error(f"--seed must be in [0, 2^64), not {args.seed}")
     try:
         model, tokenizer = load_lm(args.checkpoint)
     except LMCheckpointError as e:
