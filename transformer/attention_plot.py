@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from transformer.config import bounded_int
 from transformer.tokenizer import BOS_ID
 from transformer.cli import add_model_arguments, load_for_decoding, prepare
 from transformer.translator import source_ids, translate_ids
@@ -77,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(parser, batch_tokens=False)
     parser.add_argument("--sentence", required=True, help="source sentence")
-    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+    parser.add_argument("--max-tokens", type=bounded_int("attention.max_tokens"), default=DEFAULT_MAX_TOKENS,
                         help=f"most pieces drawn for the source and for the translation, each (default: {DEFAULT_MAX_TOKENS})")
     parser.add_argument("--output", type=Path, default=Path("attention.png"),
                         help="image file; its suffix picks the format (default: attention.png)")

@@ -10,7 +10,7 @@ import math
 import torch
 
 from .checkpoint import CheckpointError, LoadedModel, load_model
-from .config import DecodeConfig, finite_float
+from .config import DecodeConfig, bounded_int, finite_float
 from .quantize import quantize_int8
 from .precision import ProbeShape, choose_precision
 from .rerank import DEFAULT_WEIGHT, ChannelReranker
@@ -26,11 +26,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_tokens: bool = Tr
     parser.add_argument("--engine", choices=("torch", "ctranslate2"), default="torch",
                         help="decode with this package (torch) or with a model exported by transformer-export "
                              "--format ctranslate2 (default: torch)")
-    parser.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's)")
+    parser.add_argument("--beam", type=bounded_int("decode.beam_size"),
+                        help="beam size; 1 = greedy (default: the checkpoint's)")
     parser.add_argument("--alpha", type=finite_float, help="length penalty alpha (default: the checkpoint's; with "
                         "ctranslate2 the export's, in its form log p / length^alpha)")
     if batch_tokens:
-        parser.add_argument("--batch-tokens", type=int, help="source tokens per batch (default: the checkpoint's)")
+        parser.add_argument("--batch-tokens", type=bounded_int("decode.batch_tokens"),
+                            help="source tokens per batch (default: the checkpoint's)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "int8", "auto"),
                         help="run the model in float32, bfloat16 or int8 (int8: CPU, every linear layer dynamically "
                              "quantized; log-probabilities stay float32); auto: bf16 where it measures clearly faster "

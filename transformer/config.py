@@ -17,10 +17,11 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import yaml
 
@@ -152,6 +153,100 @@ class Config:
 # Section name -> dataclass; resolved through get_type_hints because annotations are strings here.
 _SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
+# Upper bounds on every size that input sets: a config file or override, the config stored in a
+# checkpoint or an export, and the command-line options that size memory ("generate.*" and
+# "attention.*" are options of transformer-generate and transformer-attention). They are checked
+# before anything is allocated, so that a typo or a hostile file ends in a one-line error instead of
+# exhausting memory. Each is far above what the paper's big model and the recipes here use; a run
+# that needs more raises a limit in the environment, e.g.
+# TRANSFORMER_SIZE_LIMITS="model.d_model=32768,decode.beam_size=4096".
+SIZE_LIMITS: dict[str, int | float] = {
+    "model.d_model": 16384,
+    "model.n_heads": 1024,
+    "model.d_ff": 65536,
+    "model.n_encoder_layers": 256,
+    "model.n_decoder_layers": 256,
+    "model.max_len": 65536,
+    "data.max_len": 65536,
+    "data.prepare_workers": 256,
+    "tokenizer.vocab_size": 1048576,
+    "train.threads": 1024,
+    "train.max_tokens": 16777216,
+    "train.accumulate": 4096,  # the batches of one step are all held at once
+    "decode.beam_size": 1024,
+    "decode.max_len_a": 100.0,
+    "decode.max_len_b": 65536,
+    "decode.batch_tokens": 16777216,
+    "generate.num": 1024,  # transformer-generate --num: continuations of a prompt, decoded as one batch
+    "generate.max_new_tokens": 65536,  # transformer-generate --max-new-tokens
+    "attention.max_tokens": 1024,  # transformer-attention --max-tokens: pieces drawn per side
+}
+SIZE_LIMITS_ENV = "TRANSFORMER_SIZE_LIMITS"
+
+
+def size_limit(key: str) -> int | float:
+    """The upper bound on `key`: the one TRANSFORMER_SIZE_LIMITS sets, else `SIZE_LIMITS[key]`.
+
+    Raises:
+        ConfigError: TRANSFORMER_SIZE_LIMITS is not a comma-separated list of `key=number` with
+            keys of `SIZE_LIMITS` and positive numbers.
+    """
+    raised: dict[str, int | float] = {}
+    for item in filter(None, (part.strip() for part in os.environ.get(SIZE_LIMITS_ENV, "").split(","))):
+        name, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or name not in SIZE_LIMITS:
+            raise ConfigError(f"{SIZE_LIMITS_ENV}: {item!r} is not KEY=NUMBER with KEY one of {', '.join(SIZE_LIMITS)}")
+        kind = type(SIZE_LIMITS[name])
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            raise ConfigError(f"{SIZE_LIMITS_ENV}: {item!r}: the limit must be a positive "
+                              f"{'integer' if kind is int else 'number'}")
+        raised[name] = value
+    return raised.get(key, SIZE_LIMITS[key])
+
+
+def size_error(key: str, value: int | float, given_as: str | None = None) -> str | None:
+    """Why `value` of the size `key` is refused (above its limit), or None when it is within it.
+
+    Args:
+        key: a key of `SIZE_LIMITS`.
+        value: the size asked for.
+        given_as: how the value was given, when not as `key` (e.g. "--beam", or "" for an argparse
+            message, which names the option itself).
+
+    Raises:
+        ConfigError: TRANSFORMER_SIZE_LIMITS is malformed (see `size_limit`).
+    """
+    limit = size_limit(key)
+    if value <= limit:
+        return None
+    subject = f"{key}={value}" if given_as is None else f"{given_as} {value}".strip()
+    where = "" if given_as is None else f" on {key}"
+    return (f"{subject} is above the limit of {limit}{where}, which keeps it from exhausting memory; "
+            f"to allow it, set {SIZE_LIMITS_ENV}={key}={value}")
+
+
+def bounded_int(key: str) -> Callable[[str], int]:
+    """An argparse `type`: an integer no larger than the limit on `key` (the command checks its lower end)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        try:
+            message = size_error(key, value, given_as="")
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if message is not None:
+            raise argparse.ArgumentTypeError(message)
+        return value
+
+    parse.size_key = key  # type: ignore[attr-defined]  # which limit, for the tests that enumerate them
+    return parse
+
 
 def _unknown(name: str, valid: Sequence[str], source: str, kind: str, section: str = "") -> ConfigError:
     """Build the error for an unknown key or section, suggesting the closest valid one.
@@ -256,6 +351,10 @@ def _set(cfg: Config, key: str, value: Any, source: str, raw: str | None = None)
 
 def _validate(cfg: Config, source: str) -> None:
     """Range and consistency checks that types alone cannot express."""
+    for key in SIZE_LIMITS:  # first: a size above its limit is the reason, whatever else is off
+        section, _, name = key.partition(".")
+        if section in _SECTIONS and (message := size_error(key, getattr(getattr(cfg, section), name))):
+            raise ConfigError(f"{source}: {message}")
     m, d, t, tr, dec = cfg.model, cfg.data, cfg.tokenizer, cfg.train, cfg.decode
     checks: list[tuple[bool, str]] = [
         (m.d_model > 0, "model.d_model must be > 0"),

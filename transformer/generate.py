@@ -16,7 +16,13 @@ import torch
 
 from transformer.checkpoint import CheckpointError, check_weights
 from transformer.config import finite_float
+from transformer.config import ConfigError, bounded_int, size_error
 from transformer.model import TransformerLM
+
+# `TransformerLM` settings that size memory -> the config key whose limit bounds them.
+LM_SIZES = {"vocab_size": "tokenizer.vocab_size", "d_model": "model.d_model", "n_heads": "model.n_heads",
+            "d_ff": "model.d_ff", "n_layers": "model.n_decoder_layers", "max_len": "model.max_len"}
+
 
 class LMCheckpointError(ValueError):
     """A file that is not a readable language-model checkpoint; the message names the file."""
@@ -33,6 +39,14 @@ def load_lm(path: Path) -> tuple[TransformerLM, spm.SentencePieceProcessor]:
     missing = [key for key in ("settings", "model", "tokenizer") if not isinstance(state, dict) or key not in state]
     if missing:
         raise LMCheckpointError(f"{path}: not a language-model checkpoint (missing {', '.join(missing)})")
+    for name, key in LM_SIZES.items():  # before the model is built: its sizes come from the file
+        value = state["settings"].get(name) if isinstance(state["settings"], dict) else None
+        try:
+            message = size_error(key, value, f"settings {name}") if type(value) is int else None
+        except ConfigError as e:
+            raise LMCheckpointError(str(e)) from None
+        if message is not None:
+            raise LMCheckpointError(f"{path}: {message}")
     try:
         model = TransformerLM(**state["settings"])
         check_weights(model, state["model"], path)
@@ -52,8 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", type=Path, help="file written by examples/language_model.py")
     parser.add_argument("--prompt", action="append", default=None,
                         help="text to continue; repeat for several (default: start from nothing)")
-    parser.add_argument("--num", type=int, default=1, help="continuations per prompt (default: 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=40, help="most tokens added (default: 40)")
+    parser.add_argument("--num", type=bounded_int("generate.num"), default=1,
+                        help="continuations per prompt (default: 1)")
+    parser.add_argument("--max-new-tokens", type=bounded_int("generate.max_new_tokens"), default=40,
+                        help="most tokens added (default: 40)")
     parser.add_argument("--temperature", type=finite_float, default=1.0, help="0 = greedy (default: 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most probable tokens (0: all)")
     parser.add_argument("--top-p", type=finite_float, default=1.0, help="sample within the nucleus of mass p (1: all)")
