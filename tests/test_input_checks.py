@@ -2,6 +2,7 @@
 result or a traceback: checkpoints of another language pair, non-finite weights, options and
 exported files with values out of range, tensors of the wrong shape, an empty test set."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,39 @@ def test_attention_refuses_the_ctranslate2_engine_before_loading(tmp_path, capsy
                              "--sentence", "ein hund", "--output", str(tmp_path / "a.png")])
     usage_error(exit, capsys, "--engine ctranslate2", "cross-attention")
     assert list(tmp_path.iterdir()) == []
+
+
+DAMAGED_EXPORTS = {  # file -> (content, what the error says)
+    "bad YAML": ("training_config.yaml", "model: [d_model: 16\n", "invalid YAML"),
+    "bad value": ("training_config.yaml", "model:\n  d_model: -16\n", "model.d_model must be > 0"),
+    "unknown key": ("training_config.yaml", "model:\n  d_modle: 16\n", "d_modle"),
+    "YAML list": ("training_config.yaml", "- model\n", "mapping"),
+    "YAML not UTF-8": ("training_config.yaml", b"model:\n  activation: r\xffelu\n", "UTF-8"),
+    "truncated JSON": ("generation_config.json", '{"length_penalty": 1.0, "num_be', "not valid JSON"),
+    "JSON list": ("generation_config.json", "[1.0, 2.0]", "a JSON object"),
+    "JSON NaN": ("generation_config.json", '{"length_penalty": NaN}', "length_penalty"),
+    "JSON string": ("generation_config.json", '{"length_penalty": "long"}', "length_penalty"),
+    "JSON huge int": ("generation_config.json", '{"length_penalty": 1' + "0" * 400 + "}", "length_penalty"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_EXPORTS)
+@pytest.mark.parametrize("command", [evaluate, translate])
+def test_a_damaged_ctranslate2_export_is_a_one_line_error_naming_the_file(damage, command, tiny_ctranslate2, tiny_run,
+                                                                          tmp_path):
+    folder = tmp_path / "ct2"
+    shutil.copytree(tiny_ctranslate2, folder)
+    name, content, reason = DAMAGED_EXPORTS[damage]
+    if isinstance(content, bytes):
+        (folder / name).write_bytes(content)
+    else:
+        (folder / name).write_text(content, encoding="utf-8")
+    argv = ["--checkpoint", str(folder), "--engine", "ctranslate2", "--device", "cpu"]
+    if command is evaluate:
+        argv += ["--output", str(tmp_path / "hyp.txt")]
+    else:
+        argv += ["--input", str(tiny_run / "data" / "test.de")]
+    with pytest.raises(SystemExit) as exit:
+        command.main(argv)
+    one_line_error(exit, str(folder / name), reason)
+    assert not (tmp_path / "hyp.txt").exists()

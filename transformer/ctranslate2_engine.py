@@ -24,7 +24,7 @@ import transformers
 from ctranslate2.converters import TransformersConverter
 
 from .checkpoint import CheckpointError
-from .config import Config, config_from_dict
+from .config import Config, ConfigError, load_config
 from .data import make_batches
 from .tokenizer import BOS_ID, PAD_ID, Tokenizer
 
@@ -140,22 +140,44 @@ def load_ctranslate2(folder: str | Path, precision: str | None = None) -> tuple[
 
     Raises:
         FileNotFoundError: a folder that is not such an export.
-        CheckpointError: a model CTranslate2 cannot load, or not with this precision on this CPU.
+        CheckpointError: a model CTranslate2 cannot load, or not with this precision on this CPU; or a
+            damaged training or generation config (the message names the file).
     """
-    import yaml
-
     folder = Path(folder)
     for name in ("model.bin", TOKENIZER_FILE, TRAINING_CONFIG, GENERATION_CONFIG):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder}: not a CTranslate2 export of this package (no {name})")
-    config = config_from_dict(yaml.safe_load((folder / TRAINING_CONFIG).read_text(encoding="utf-8")),
-                              source=str(folder / TRAINING_CONFIG))
-    generation = json.loads((folder / GENERATION_CONFIG).read_text(encoding="utf-8"))
+    try:
+        config = load_config(folder / TRAINING_CONFIG)  # yaml.safe_load: a tag that would build objects is refused
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    length_penalty = _length_penalty(folder / GENERATION_CONFIG)
     compute_type = COMPUTE_TYPES[precision or "auto"]
     try:
         model = CTranslate2Model(folder, compute_type)
     except (ValueError, RuntimeError) as e:  # e.g. a compute type this CPU lacks, or a damaged model.bin
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{folder}: CTranslate2 cannot load it with compute type {compute_type} ({reason[:200]})") from None
-    return model, config, float(generation.get("length_penalty", 1.0))
+    return model, config, length_penalty
+
+
+def _length_penalty(path: Path) -> float:
+    """The length penalty of an export's generation defaults (1.0 where the file has none).
+
+    Raises:
+        CheckpointError: naming the file: not UTF-8 JSON, not an object, or a length penalty that is
+            not a finite number.
+    """
+    try:
+        generation = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{path}: not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(generation, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of generation settings, found a {type(generation).__name__}")
+    value = generation.get("length_penalty", 1.0)
+    if type(value) is int and abs(value) < 2**53:  # exactly a float; not a bool, nor beyond float's range
+        value = float(value)
+    if not (isinstance(value, float) and math.isfinite(value)):
+        raise CheckpointError(f"{path}: length_penalty must be a finite number, not {value!r:.40}")
+    return value
 
