@@ -10,7 +10,10 @@ import torch
 
 from transformer import attention_plot, average, cli, evaluate, export, generate, translate
 from transformer.checkpoint import load_checkpoint, save_checkpoint, save_safetensors
+from transformer.bleu import tokenized_bleu
+from transformer.checkpoint import load_model
 from transformer.config import ConfigError, load_config
+from transformer.data import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -220,3 +223,35 @@ def test_a_damaged_ctranslate2_export_is_a_one_line_error_naming_the_file(damage
         command.main(argv)
     one_line_error(exit, str(folder / name), reason)
     assert not (tmp_path / "hyp.txt").exists()
+
+
+@pytest.mark.parametrize("flavour", ["sacrebleu", "paper", "multi30k"])
+def test_an_empty_test_set_is_refused_for_every_bleu_flavour(flavour, tiny_run, tmp_path):
+    src, ref = tmp_path / "empty.de", tmp_path / "empty.en"
+    src.write_text("")
+    ref.write_text("")
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--checkpoint", str(tiny_run / "checkpoints" / "step_1.pt"), "--src", str(src), "--ref", str(ref),
+                       "--bleu", flavour, "--output", str(tmp_path / "hyp.txt"), "--device", "cpu"])
+    one_line_error(exit, str(src), "no sentences")
+    assert not (tmp_path / "hyp.txt").exists()
+
+    # An empty split of the checkpoint's data folder, too.
+    data = tmp_path / "data"
+    data.mkdir()
+    for lang in ("de", "en"):
+        (data / f"test.{lang}").write_text("")
+    checkpoint = variant(tiny_run / "checkpoints" / "step_1.pt", tmp_path / "ckpt.pt",
+                         lambda state: state["config"]["data"].update(local_dir=str(data)))
+    with pytest.raises(SystemExit) as exit:
+        evaluate.main(["--checkpoint", str(checkpoint), "--bleu", flavour, "--device", "cpu"])
+    one_line_error(exit, "test split", str(data), "no sentences")
+    assert not (tmp_path / "hyp.test.txt").exists()
+
+
+def test_scoring_functions_refuse_an_empty_test_set(tiny_run):
+    for flavour in ("paper", "multi30k"):
+        with pytest.raises(ValueError, match="no sentences"):
+            tokenized_bleu([], [], "en", flavour)
+    with pytest.raises(DataError, match="no sentences"):
+        evaluate.evaluate(load_model([tiny_run / "checkpoints" / "step_1.pt"]), [], [])

@@ -83,10 +83,12 @@ def tokenized_bleu(
         brevity penalty.
 
     Raises:
-        ValueError: if the two lists differ in length, or for an unknown flavour.
+        ValueError: if the two lists differ in length or are empty, or for an unknown flavour.
     """
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    if not hypotheses:  # sacreBLEU fails on an empty corpus with an IndexError
+        raise ValueError("no sentences to score")
     if flavour not in FLAVOUR_LABELS:
         raise ValueError(f"unknown BLEU flavour {flavour!r}; known: {', '.join(FLAVOUR_LABELS)}")
     tokenize = {"paper": paper_tokenize, "multi30k": multi30k_tokenize}[flavour]

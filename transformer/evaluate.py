@@ -61,10 +61,12 @@ def evaluate(
         "beam"; "seconds": translation time; "sentences_per_second"; "hypotheses": the translations}.
 
     Raises:
-        DataError: if sources and references differ in number.
+        DataError: if sources and references differ in number, or there are none.
     """
     if len(src_texts) != len(ref_texts):
         raise DataError(f"{len(src_texts)} source sentences but {len(ref_texts)} references")
+    if not src_texts:  # sacreBLEU fails on an empty corpus with an IndexError
+        raise DataError("no sentences to evaluate")
     start = time.perf_counter()
     hypotheses = translate(
         loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, src_texts, beam_size, length_penalty,
@@ -128,6 +130,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             src_texts, ref_texts = load_split(loaded.config.data, args.split)
             name = args.split
+        if not src_texts:
+            data = loaded.config.data
+            origin = data.local_dir if data.local_dir and Path(data.local_dir).is_dir() else data.hub_name
+            where = args.src if args.src is not None else f"the {args.split} split of {origin}"
+            raise DataError(f"{where}: no sentences to evaluate")
         result = evaluate(loaded, src_texts, ref_texts, decode.beam_size, decode.length_penalty, decode.max_len_a,
                           decode.max_len_b, decode.batch_tokens, args.tokenize, args.lowercase, device,
                           use_cache=not args.no_cache, reranker=reranker)
