@@ -264,6 +264,48 @@ def test_a_stop_signal_saves_the_step_reached_and_resume_finishes(signum, refere
     assert_same_tensors(resumed["model"], load_checkpoint(run_checkpoints(reference)[-1])["model"], "model")
 
 
+def test_a_stop_signal_at_a_validation_step_saves_at_once_and_the_resumed_run_validates_first(
+        reference, corpus, tmp_path, monkeypatch):
+    # SIGTERM at step 10, where the run validates (train.eval_every=10): a scheduler's grace period
+    # may end before a validation would, so the checkpoint comes first and nothing is validated.
+    forward, steps, validated = TranslationLoss.forward, [], []
+
+    def signal_at_step_10(self, *batch):
+        if self.training:
+            steps.append(1)
+            if len(steps) == 10:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, *batch)
+
+    validate = train_module.validate
+    monkeypatch.setattr(train_module, "validate", lambda *args, **kwargs: validated.append(1) or validate(*args, **kwargs))
+    monkeypatch.setattr(TranslationLoss, "forward", signal_at_step_10)
+    ov = overrides(corpus, tmp_path, train_save_every=1000)
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(CONFIG), *ov])
+    assert exit.value.code == 128 + signal.SIGTERM and not validated
+    assert [step_of(p) for p in run_checkpoints(tmp_path)] == [10]
+    assert load_checkpoint(run_checkpoints(tmp_path)[0])["position"]["validation_due"] is True
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()
+
+    # The resumed run validates step 10 before it trains on: its metrics, best.pt and weights are
+    # those of the run that was never stopped.
+    monkeypatch.setattr(TranslationLoss, "forward", forward)
+    main(["--config", str(CONFIG), "--resume", *ov])
+
+    def rows(run: Path) -> list[dict]:
+        timing = ("tokens_per_s", "minutes")
+        return [{k: v for k, v in json.loads(line).items() if k not in timing}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows(tmp_path) == rows(reference)
+    best, reference_best = (load_checkpoint(run / "checkpoints" / "best.pt") for run in (tmp_path, reference))
+    assert best["step"] == reference_best["step"]
+    assert_same_tensors(best["model"], reference_best["model"], "best")
+    final = load_checkpoint(run_checkpoints(tmp_path)[-1])
+    assert_same_tensors(final["model"], load_checkpoint(run_checkpoints(reference)[-1])["model"], "model")
+    assert final["position"]["validation_due"] is False
+
+
 def test_non_finite_losses_skip_the_update_and_too_many_stop_the_run(corpus, tmp_path, monkeypatch, caplog):
     forward = TranslationLoss.forward
     calls, snapshot = [], {}

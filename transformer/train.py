@@ -67,6 +67,7 @@ class Position:
     best_bleu: float = -1.0
     bad_evals: int = 0  # validations in a row without a better BLEU
     nonfinite: int = 0  # non-finite steps in a row
+    validation_due: bool = False  # a signal stopped the run where it validates: the resumed run validates first
 
 
 class StopRequested:
@@ -516,7 +517,8 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
     src_tok, tgt_tok, train_data, valid_text, valid = prepare_data(cfg, run_dir, resume_state)
     batches = bucket_batches(train_data.src_lens, train_data.tgt_lens, tc.max_tokens)
     sampler = BatchSampler(batches, tc.seed, rank, world_size)
-    if resume_state is not None and (done := stop_reason(tc, Position(**resume_state["position"]), len(sampler))):
+    resumed_at = Position(**resume_state["position"]) if resume_state is not None else None
+    if resumed_at is not None and not resumed_at.validation_due and (done := stop_reason(tc, resumed_at, len(sampler))):
         final = run_dir / "checkpoints" / "final.pt"
         if _final_of_step(final, resume_state["step"]):
             log.info("%s finished at step %d (%s); nothing to do. Raise train.max_steps (or the limit reached) "
@@ -591,8 +593,38 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
             path = save_step(run_dir, state, tc.keep_last)
             log.info("saved %s (%s)", path, path_kind)
 
+    def validate_and_keep_best() -> None:
+        """Validate, log the result, and keep the best model so far in best.pt.
+
+        Every rank validates its share and gets the same result, so all take the same decisions.
+        """
+        nonlocal segment_start, elapsed_before
+        result = validate(cfg, model, loss_fn, valid, valid_text, src_tok, tgt_tok, device, ranks)
+        check_lock()  # validation takes a while: the lock may have gone meanwhile
+        metrics.write(step=position.step, minutes=position.elapsed / 60, **result)
+        if is_main:
+            log.info("step %d validation: %s", position.step, ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
+        bleu = result.get("valid_bleu", -result["valid_loss"])
+        if bleu > position.best_bleu:
+            position.best_bleu, position.bad_evals = bleu, 0
+            if is_main:
+                save_checkpoint(checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok,
+                                                 rng_states(device)),
+                                run_dir / "checkpoints" / "best.pt")
+        else:
+            position.bad_evals += 1
+        segment_start, elapsed_before = time.perf_counter(), position.elapsed  # validation time is not training time
+
     with StopRequested() as stop:
-        while True:
+        stopped = False
+        if position.validation_due:  # the validation a signal put off, as the run would have done it
+            position.validation_due = False
+            validate_and_keep_best()
+            limit = stop_reason(tc, position, len(epoch_batches))
+            stopped, reason = limit is not None or stop.signal is not None, limit or reason
+            if stopped:
+                save()
+        while not stopped:
             # ---- one optimizer step over `accumulate` batches ----
             micro: list = []
             while len(micro) < tc.accumulate:
@@ -655,29 +687,20 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
             check_lock()
             limit = stop_reason(budget, position, len(epoch_batches))
             should_stop, reason = limit is not None, limit or reason
-            if stop.signal is not None:
-                should_stop, reason = True, f"signal {signal.Signals(stop.signal).name}"
-            should_stop = bool(ranks.reduce_host([float(should_stop)], dist.ReduceOp.MAX)[0])
+            # A signal on any rank stops them all.
+            should_stop, signalled = (bool(flag) for flag in ranks.reduce_host(
+                [float(should_stop), float(stop.signal is not None)], dist.ReduceOp.MAX))
+            validation_due = position.step % tc.eval_every == 0 or should_stop
 
-            if position.step % tc.eval_every == 0 or should_stop:
-                # Every rank validates its share and gets the same result, so all take the same decisions.
-                result = validate(cfg, model, loss_fn, valid, valid_text, src_tok, tgt_tok, device, ranks)
-                check_lock()  # validation takes a while: the lock may have gone meanwhile
-                metrics.write(step=position.step, minutes=position.elapsed / 60, **result)
-                if is_main:
-                    log.info("step %d validation: %s", position.step, ", ".join(f"{k} {v:.3f}" for k, v in result.items()))
-                bleu = result.get("valid_bleu", -result["valid_loss"])
-                if bleu > position.best_bleu:
-                    position.best_bleu, position.bad_evals = bleu, 0
-                    if is_main:
-                        save_checkpoint(checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok,
-                                                         rng_states(device)),
-                                        run_dir / "checkpoints" / "best.pt")
-                else:
-                    position.bad_evals += 1
+            if signalled:
+                # A scheduler's grace period before its SIGKILL may be short: the checkpoint is
+                # written at once, and the validation due here is left to the resumed run.
+                should_stop, position.validation_due = True, validation_due
+                reason = f"signal {signal.Signals(stop.signal).name}" if stop.signal is not None else "signal to another rank"
+            elif validation_due:
+                validate_and_keep_best()
                 if tc.patience and position.bad_evals >= tc.patience:
                     should_stop, reason = True, f"no better validation BLEU in {tc.patience} validations"
-                segment_start, elapsed_before = time.perf_counter(), position.elapsed  # validation time is not training time
             if position.step % tc.save_every == 0 or should_stop:
                 save()
             if should_stop:
