@@ -227,6 +227,62 @@ def test_resume_with_other_settings_is_refused_before_anything_is_written(change
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.parametrize("prepared", [False, True], ids=["in-memory", "prepared"])
+def test_resume_on_changed_training_data_is_refused_before_any_work_unless_accepted(
+        prepared, corpus, tmp_path, monkeypatch, caplog):
+    from transformer import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_corpus(data)
+    run_dir, folder = tmp_path / "run", tmp_path / "prepared"
+
+    def args(steps: int, *flags: str) -> list[str]:
+        extra = [f"data.prepared_dir={folder}"] if prepared else []
+        return ["--config", str(CONFIG), *flags, *overrides(
+            corpus, run_dir, data_local_dir=data, train_max_steps=steps, train_save_every=2, train_eval_every=1000,
+            train_eval_bleu_sentences=0, train_average_last=1), *extra]
+
+    main(args(2))
+    # A copy or a touch changes the modification time, not the data: the run resumes.
+    os.utime(data / "train.de", ns=(time.time_ns(), time.time_ns()))
+    main(args(4, "--resume"))
+    assert step_of(run_checkpoints(run_dir)[-1]) == 4
+
+    # The corpus at the same path shrinks from 300 to 150 pairs.
+    for lang in ("de", "en"):
+        path = data / f"train.{lang}"
+        path.write_text("".join(path.read_text(encoding="utf-8").splitlines(keepends=True)[:150]), encoding="utf-8")
+    before = {"run": snapshot(run_dir), "prepared": snapshot(folder)}
+    loads = []
+    prepare_data = train.prepare_data
+    monkeypatch.setattr(train, "prepare_data", lambda *a, **k: loads.append(1) or prepare_data(*a, **k))
+    with pytest.raises(SystemExit) as exit:
+        main(args(6, "--resume"))
+    one_line_error(exit, f"{data / 'train.de'} changed since the run started", "--accept-data-change")
+    assert not loads  # no data loaded or prepared, no tokenizer trained
+    assert {"run": snapshot(run_dir), "prepared": snapshot(folder)} == before
+    if prepared:
+        return  # a folder prepared again trains another tokenizer, which a resumed run cannot take
+
+    with caplog.at_level(logging.WARNING):
+        main(args(6, "--resume", "--accept-data-change"))
+    assert any("changed since the run started; training on it as it is now (--accept-data-change)"
+               in r.getMessage() for r in caplog.records)
+    state = load_checkpoint(run_checkpoints(run_dir)[-1])
+    assert state["step"] == 6
+    assert [f["bytes"] for f in state["data_fingerprint"]] == [(data / f"train.{lang}").stat().st_size
+                                                                 for lang in ("de", "en")]
+    main(args(8, "--resume"))  # the data it now records is the data it finds
+    assert step_of(run_checkpoints(run_dir)[-1]) == 8
+
+
+def test_accept_data_change_goes_with_resume(corpus, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--config", str(CONFIG), "--accept-data-change", *overrides(corpus, tmp_path)])
+    assert "--accept-data-change goes with --resume" in capsys.readouterr().err
+
+
 def test_resume_of_a_folder_that_does_not_exist_creates_nothing(corpus, tmp_path):
     missing = tmp_path / "no-such-run"
     with pytest.raises(SystemExit) as exit:

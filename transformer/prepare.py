@@ -337,18 +337,35 @@ def stale_reason(cfg: Config, verify_content: bool = True) -> str | None:
         # A folder copied to a machine without the corpus: its own checks are all that is left.
         logger.warning("cannot compare %s with its corpus (%s); using it as it is", folder, e)
         current = recorded
+    change = corpus_change(recorded, current)
+    if change is not None:
+        return f"{change} since {folder} was prepared"
+    return damaged_file(folder, manifest, verify_content)
+
+
+def corpus_change(recorded: list[dict[str, Any]], current: list[dict[str, Any]]) -> str | None:
+    """What changed in the training corpus, or None when it is the one `recorded` fingerprints.
+
+    Args:
+        recorded: a :meth:`Corpus.fingerprint` taken with content.
+        current: the corpus's fingerprint now, without content: a file whose path, size and
+            modification time are unchanged is not read again.
+
+    Returns:
+        e.g. "/data/train.de changed", or None.
+    """
     if len(recorded) != len(current):
-        return f"{folder} was prepared from another corpus"
+        return "the training corpus is read from another source"
     for old, new in zip(recorded, current):
         if "path" in new and (old.get("path"), old.get("bytes"), old.get("mtime_ns")) != \
                 (new["path"], new["bytes"], new["mtime_ns"]):
             # A copy or a touch changes the time but not the bytes: only the content decides.
             if old.get("path") != new["path"] or old.get("bytes") != new["bytes"] or \
                     old.get("sha256") != file_sha256(Path(new["path"])):
-                return f"{new['path']} changed since {folder} was prepared"
+                return f"{new['path']} changed"
         elif "hub" in new and old != new:
-            return f"hub dataset {new['hub']!r} changed since {folder} was prepared"
-    return damaged_file(folder, manifest, verify_content)
+            return f"hub dataset {new['hub']!r} changed"
+    return None
 
 
 def _train_tokenizers(cfg: Config, corpus: Corpus) -> tuple[str, str]:

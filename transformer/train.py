@@ -41,7 +41,7 @@ from .loss import TranslationLoss
 from .model import Transformer
 from .plot import plot_metrics
 from .precision import ProbeShape, choose_precision
-from .prepare import ensure_prepared
+from .prepare import Corpus, corpus_change, ensure_prepared
 from .prepared import PreparedData
 from .run_lock import RunLock, RunLockedError
 from .runtime import resolve_device, tune_process_for, use_tf32
@@ -131,6 +131,46 @@ def prepare_data(cfg: Config, run_dir: Path, resume_state: dict | None) -> tuple
 
 
 @torch.no_grad()
+def training_data_fingerprint(cfg: Config) -> list[dict[str, Any]] | None:
+    """What identifies the training split: each file's path, size, modification time and SHA-256, or
+    the hub dataset's fingerprint (see `prepare.Corpus`). None, with a warning, where the corpus
+    cannot be read (prepared data copied to a machine without it)."""
+    try:
+        return Corpus(cfg.data).fingerprint(with_content=True)
+    except DataError as e:
+        log.warning("cannot fingerprint the training corpus (%s): a resumed run cannot check that it is unchanged", e)
+        return None
+
+
+def resumed_data_fingerprint(
+    cfg: Config, state: dict[str, Any], path: Path, accept_change: bool
+) -> list[dict[str, Any]] | None:
+    """Check that the training data is the data the run was started on, before any work; return the
+    fingerprint the resumed run records (None: to be taken once the data is loaded).
+
+    Raises:
+        DataError: the data changed and `accept_change` is false.
+    """
+    recorded = state.get("data_fingerprint")
+    if recorded is None:
+        log.warning("%s records no fingerprint of its training data: cannot check that it is unchanged", path)
+        return None
+    try:
+        current = Corpus(cfg.data).fingerprint(with_content=False)
+    except DataError:
+        if cfg.data.prepared_dir is None:
+            raise
+        return recorded  # the corpus is not on this machine: the prepared folder's own checks are left
+    change = corpus_change(recorded, current)
+    if change is None:
+        return recorded
+    if not accept_change:
+        raise DataError(f"{change} since the run started (the fingerprint in {path} differs): resuming would train "
+                        "on other data. Put the data back, or pass --accept-data-change to train on it as it is now")
+    log.warning("%s since the run started; training on it as it is now (--accept-data-change)", change)
+    return Corpus(cfg.data).fingerprint(with_content=True)
+
+
 def validate(
     cfg: Config, model: Transformer, loss_fn: TranslationLoss, valid: ParallelData,
     valid_text: tuple[list[str], list[str]], src_tok: Tokenizer, tgt_tok: Tokenizer, device: torch.device,
@@ -197,7 +237,9 @@ def checkpoint_state(
     cfg: Config, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
     position: Position, src_tok: Tokenizer, tgt_tok: Tokenizer, rng: list[dict[str, Tensor]],
 ) -> dict[str, Any]:
-    """Everything a checkpoint holds: weights, config, tokenizers and the full training state."""
+    data_fingerprint: list[dict[str, Any]] | None = None,
+    """Everything a checkpoint holds: weights, config, tokenizers, the full training state, and the
+    fingerprint of the training data, which a resumed run compares with the data it finds."""
     return {
         "config": config_to_dict(cfg),
         "model": model.state_dict(),
@@ -208,6 +250,7 @@ def checkpoint_state(
         "position": vars(position).copy(),
         "rng": rng,
     }
+        "data_fingerprint": data_fingerprint,
 
 
 def save_step(run_dir: Path, state: dict[str, Any], keep_last: int) -> Path:
@@ -454,13 +497,14 @@ def budget_used(tc: TrainConfig, position: Position, batches_per_epoch: int) -> 
     return min(1.0, max(fractions))
 
 
-def train(cfg: Config, resume: bool = False) -> Path:
+def train(cfg: Config, resume: bool = False, accept_data_change: bool = False) -> Path:
     """Train as `cfg` says, resuming from the run directory's latest checkpoint if `resume`.
 
     The process that writes the run directory (global rank 0) holds its lock (see `run_lock`) for
     the whole run. Nothing in the directory is written before the checks pass: the lock is free, a
     new run finds no checkpoints, a resumed one finds a checkpoint that loads and settings it may
-    change. A resumed run that has already finished says so and changes nothing.
+    change, and training data that did not change since the run started (or `accept_data_change`,
+    which logs the change). A resumed run that has already finished says so and changes nothing.
 
     Returns:
         The run directory.
@@ -471,18 +515,21 @@ def train(cfg: Config, resume: bool = False) -> Path:
         TrainingError: the run cannot go on (e.g. diverged, or its lock was deleted or taken over).
     """
     if resume and not Path(cfg.train.output_dir).is_dir():  # checked before the lock creates the folder
+        DataError: the data cannot be read, or changed since the run started (see `accept_data_change`).
         raise CheckpointError(f"{cfg.train.output_dir}: --resume given but there is no such run folder")
     is_main = int(os.environ.get("RANK", "0")) == 0
     run_log = RunLog() if is_main else None
     try:
         with RunLock(cfg.train.output_dir) if is_main else contextlib.nullcontext() as lock:
-            return _train(cfg, resume, run_log, lock)
+            return _train(cfg, resume, run_log, lock, accept_data_change)
     finally:
         if run_log is not None:
             run_log.close()
 
 
-def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | None) -> Path:
+def _train(
+    cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | None, accept_data_change: bool = False
+) -> Path:
     """`train` once the run directory is this process's (`lock`: rank 0's hold on it)."""
     tc = cfg.train
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -497,7 +544,7 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
     is_main = rank == 0
     run_dir = Path(tc.output_dir)
 
-    resume_state, skipped = None, []
+    resume_state, skipped, data_fingerprint = None, [], None
     if resume:
         resume_path, resume_state, skipped = load_resume_checkpoint(run_dir)
         recorded = checkpoint_config(resume_state, resume_path)
@@ -524,11 +571,14 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
             log.info("%s finished at step %d (%s); nothing to do. Raise train.max_steps (or the limit reached) "
                      "to train on", run_dir, resume_state["step"], done)
         elif is_main:  # stopped between its last checkpoint and final.pt (absent, or left from a smaller budget)
+        data_fingerprint = resumed_data_fingerprint(cfg, resume_state, resume_path, accept_data_change)
             claim_run_folder(run_dir, run_log, skipped)
             plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png")
             save_averaged(run_checkpoints(run_dir)[-tc.average_last:], final)
             log.info("%s had finished at step %d (%s) without its average: wrote %s", run_dir, resume_state["step"],
                      done, final)
+    if is_main and data_fingerprint is None:  # a new run, or one whose checkpoint records none
+        data_fingerprint = training_data_fingerprint(cfg)
         if world_size > 1:
             dist.destroy_process_group()
         return run_dir
@@ -589,7 +639,7 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
         check_lock()
         rng = rng_states(device, ranks)  # every rank takes part in gathering the states
         if is_main:
-            state = checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok, rng)
+            state = checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok, rng, data_fingerprint)
             path = save_step(run_dir, state, tc.keep_last)
             log.info("saved %s (%s)", path, path_kind)
 
@@ -609,7 +659,7 @@ def _train(cfg: Config, resume: bool, run_log: RunLog | None, lock: RunLock | No
             position.best_bleu, position.bad_evals = bleu, 0
             if is_main:
                 save_checkpoint(checkpoint_state(cfg, model, optimizer, scaler, position, src_tok, tgt_tok,
-                                                 rng_states(device)),
+                                                 rng_states(device), data_fingerprint),
                                 run_dir / "checkpoints" / "best.pt")
         else:
             position.bad_evals += 1
@@ -731,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
         # Before the first bf16 matmul, which is when oneDNN reads its cache settings.
         tune_process_for(run_device(cfg.train))
-        train(cfg, resume=args.resume)
+        train(cfg, resume=args.resume, accept_data_change=args.accept_data_change)
     # OSError: a WriteError, or a run folder that cannot be created (a file in its way, no permission).
     except (ConfigError, DataError, CheckpointError, TrainingError, RunLockedError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -739,3 +789,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    parser.add_argument("--accept-data-change", action="store_true",
+                        help="with --resume: train on the training data as it is now although it changed since the "
+                             "run started (the change is logged); without it, such a resume is refused before any work")
+    if args.accept_data_change and not args.resume:
+        parser.error("--accept-data-change goes with --resume")
