@@ -130,7 +130,6 @@ def prepare_data(cfg: Config, run_dir: Path, resume_state: dict | None) -> tuple
     return src_tok, tgt_tok, train, (valid_src, valid_tgt), valid
 
 
-@torch.no_grad()
 def training_data_fingerprint(cfg: Config) -> list[dict[str, Any]] | None:
     """What identifies the training split: each file's path, size, modification time and SHA-256, or
     the hub dataset's fingerprint (see `prepare.Corpus`). None, with a warning, where the corpus
@@ -171,6 +170,7 @@ def resumed_data_fingerprint(
     return Corpus(cfg.data).fingerprint(with_content=True)
 
 
+@torch.no_grad()
 def validate(
     cfg: Config, model: Transformer, loss_fn: TranslationLoss, valid: ParallelData,
     valid_text: tuple[list[str], list[str]], src_tok: Tokenizer, tgt_tok: Tokenizer, device: torch.device,
@@ -236,8 +236,8 @@ def restore_rng(states: list[dict[str, Tensor]], rank: int, world_size: int, see
 def checkpoint_state(
     cfg: Config, model: Transformer, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
     position: Position, src_tok: Tokenizer, tgt_tok: Tokenizer, rng: list[dict[str, Tensor]],
-) -> dict[str, Any]:
     data_fingerprint: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Everything a checkpoint holds: weights, config, tokenizers, the full training state, and the
     fingerprint of the training data, which a resumed run compares with the data it finds."""
     return {
@@ -249,8 +249,8 @@ def checkpoint_state(
         "scaler": None if scaler is None else scaler.state_dict(),
         "position": vars(position).copy(),
         "rng": rng,
-    }
         "data_fingerprint": data_fingerprint,
+    }
 
 
 def save_step(run_dir: Path, state: dict[str, Any], keep_last: int) -> Path:
@@ -512,10 +512,10 @@ def train(cfg: Config, resume: bool = False, accept_data_change: bool = False) -
     Raises:
         RunLockedError: another run owns the directory.
         CheckpointError: nothing to resume, or settings a resumed run may not change.
+        DataError: the data cannot be read, or changed since the run started (see `accept_data_change`).
         TrainingError: the run cannot go on (e.g. diverged, or its lock was deleted or taken over).
     """
     if resume and not Path(cfg.train.output_dir).is_dir():  # checked before the lock creates the folder
-        DataError: the data cannot be read, or changed since the run started (see `accept_data_change`).
         raise CheckpointError(f"{cfg.train.output_dir}: --resume given but there is no such run folder")
     is_main = int(os.environ.get("RANK", "0")) == 0
     run_log = RunLog() if is_main else None
@@ -557,11 +557,14 @@ def _train(
         log.info("resuming from %s", resume_path)
         for change in changes:
             log.info("resumed with a changed setting: %s", change)
+        data_fingerprint = resumed_data_fingerprint(cfg, resume_state, resume_path, accept_data_change)
     elif is_main and run_checkpoints(run_dir):
         raise CheckpointError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or choose another train.output_dir")
 
     torch.manual_seed(tc.seed)
     src_tok, tgt_tok, train_data, valid_text, valid = prepare_data(cfg, run_dir, resume_state)
+    if is_main and data_fingerprint is None:  # a new run, or one whose checkpoint records none
+        data_fingerprint = training_data_fingerprint(cfg)
     batches = bucket_batches(train_data.src_lens, train_data.tgt_lens, tc.max_tokens)
     sampler = BatchSampler(batches, tc.seed, rank, world_size)
     resumed_at = Position(**resume_state["position"]) if resume_state is not None else None
@@ -571,14 +574,11 @@ def _train(
             log.info("%s finished at step %d (%s); nothing to do. Raise train.max_steps (or the limit reached) "
                      "to train on", run_dir, resume_state["step"], done)
         elif is_main:  # stopped between its last checkpoint and final.pt (absent, or left from a smaller budget)
-        data_fingerprint = resumed_data_fingerprint(cfg, resume_state, resume_path, accept_data_change)
             claim_run_folder(run_dir, run_log, skipped)
             plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png")
             save_averaged(run_checkpoints(run_dir)[-tc.average_last:], final)
             log.info("%s had finished at step %d (%s) without its average: wrote %s", run_dir, resume_state["step"],
                      done, final)
-    if is_main and data_fingerprint is None:  # a new run, or one whose checkpoint records none
-        data_fingerprint = training_data_fingerprint(cfg)
         if world_size > 1:
             dist.destroy_process_group()
         return run_dir
@@ -774,8 +774,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="transformer-train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
     parser.add_argument("--resume", action="store_true", help="continue the run in train.output_dir from its latest checkpoint")
+    parser.add_argument("--accept-data-change", action="store_true",
+                        help="with --resume: train on the training data as it is now although it changed since the "
+                             "run started (the change is logged); without it, such a resume is refused before any work")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=200")
     args = parser.parse_args(argv)
+    if args.accept_data_change and not args.resume:
+        parser.error("--accept-data-change goes with --resume")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
@@ -789,8 +794,3 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-    parser.add_argument("--accept-data-change", action="store_true",
-                        help="with --resume: train on the training data as it is now although it changed since the "
-                             "run started (the change is logged); without it, such a resume is refused before any work")
-    if args.accept_data_change and not args.resume:
-        parser.error("--accept-data-change goes with --resume")
