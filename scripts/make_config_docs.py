@@ -44,8 +44,10 @@ transformer-train --config configs/multi30k_de_en.yaml train.max_steps=200 train
 ```
 
 Unknown keys are errors that suggest the nearest valid key, and types and ranges are checked
-before anything runs. The resolved config is saved as `config.yaml` in the run directory and
-inside every checkpoint, so a checkpoint alone rebuilds its model.
+before anything runs. Keys that size memory (model dimensions, lengths, batch tokens, the beam...)
+have upper limits, far above any recipe here, which `TRANSFORMER_SIZE_LIMITS` raises; they are
+listed in [run-folder.md](run-folder.md#size-limits). The resolved config is saved as `config.yaml`
+in the run directory and inside every checkpoint, so a checkpoint alone rebuilds its model.
 """
 
 

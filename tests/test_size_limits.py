@@ -292,3 +292,9 @@ def test_the_environment_raises_a_limit_and_a_malformed_one_is_one_line(monkeypa
         assert str(error.value).startswith(f"{SIZE_LIMITS_ENV}: ") and "\n" not in str(error.value)
         with pytest.raises(argparse.ArgumentTypeError, match=SIZE_LIMITS_ENV):
             parse("4")
+
+
+def test_the_documented_limits_are_the_limits():
+    text = (ROOT / "docs" / "run-folder.md").read_text(encoding="utf-8")
+    documented = {key: float(value) for key, value in re.findall(r"^\| `([a-z_]+\.[a-z_]+)` \| ([\d.]+) \|", text, re.M)}
+    assert documented == {key: float(value) for key, value in SIZE_LIMITS.items()}
