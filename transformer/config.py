@@ -456,8 +456,9 @@ def _apply_overrides(cfg: Config, overrides: Sequence[str]) -> None:
             raise ConfigError(f"override '{item}': expected 'section.key=value'")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override '{item}': cannot parse value: {e}") from e
+        except yaml.YAMLError as e:  # its text goes on to quote the value over several lines
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"override '{item}': cannot parse value: {problem}") from None
         _set(cfg, key, value, f"override '{item}'", raw=raw)
 
 
