@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickletools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ FORMAT = "transformer-checkpoint/1"
 SAFETENSORS_FORMAT = "transformer-weights/1"  # inference-only weights + tokenizers + config
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # how torch's weights_only unpickler names a refused import
+UNSUPPORTED_OPCODE = re.compile(r"Unsupported operand (\d+)")  # and a byte it cannot run
+PICKLE_OPCODES = {ord(op.code) for op in pickletools.opcodes}
 log = logging.getLogger(__name__)
 
 
@@ -98,6 +101,30 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
     }
 
 
+def load_torch_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load` a file with `weights_only=True`, which never executes code from it.
+
+    Raises:
+        CheckpointError: one line naming the file: refused because it contains code (and what it
+            imports), or not a readable torch file.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        message = str(e)
+        opcode = UNSUPPORTED_OPCODE.search(message)
+        if opcode is not None and int(opcode.group(1)) not in PICKLE_OPCODES:
+            # Not an opcode at all: a text or other foreign file, which holds no code either.
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file)") from None
+        if "Weights only load failed" in message:
+            imports = UNSAFE_GLOBAL.findall(message)
+            what = f"it tries to import {', '.join(dict.fromkeys(imports))}" if imports else "objects other than plain data"
+            raise CheckpointError(f"{path}: refused: the file contains code ({what}); loading it could run that code, "
+                                  f"so it was not loaded. Use only checkpoints from a source you trust") from None
+        reason = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint (or a `save_safetensors` file, by its .safetensors suffix) without executing any code from it.
 
@@ -109,17 +136,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        message = str(e)
-        if "Weights only load failed" in message:
-            imports = UNSAFE_GLOBAL.findall(message)
-            what = f"it tries to import {', '.join(dict.fromkeys(imports))}" if imports else "objects other than plain data"
-            raise CheckpointError(f"{path}: refused: the file contains code ({what}); loading it could run that code, "
-                                  f"so it was not loaded. Use only checkpoints from a source you trust") from None
-        reason = message.strip().splitlines()[0] if message.strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({reason[:200]})") from None
+    state = load_torch_file(path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a checkpoint of this project (no '{FORMAT}' marker)")
     return state

@@ -14,7 +14,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from transformer.checkpoint import CheckpointError, check_weights
+from transformer.checkpoint import CheckpointError, check_weights, load_torch_file
 from transformer.config import finite_float
 from transformer.config import ConfigError, bounded_int, size_error
 from transformer.model import TransformerLM
@@ -33,9 +33,9 @@ def load_lm(path: Path) -> tuple[TransformerLM, spm.SentencePieceProcessor]:
     if not path.is_file():
         raise LMCheckpointError(f"{path}: no such file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file or not a torch file at all: one line, no traceback
-        raise LMCheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+        state = load_torch_file(path)
+    except CheckpointError as e:  # refused for carrying code, truncated, or not a torch file at all
+        raise LMCheckpointError(str(e)) from None
     missing = [key for key in ("settings", "model", "tokenizer") if not isinstance(state, dict) or key not in state]
     if missing:
         raise LMCheckpointError(f"{path}: not a language-model checkpoint (missing {', '.join(missing)})")
