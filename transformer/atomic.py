@@ -6,6 +6,9 @@ write that fails (disk full, a folder in the way) removes its temporary file and
 process cannot clean up after itself, so a run's start-up removes leftovers with
 :func:`remove_stale_temp_files`.
 
+Every command that writes refuses, with :func:`check_not_an_input`, an output that is one of its
+inputs.
+
 This module imports nothing from the rest of the package.
 """
 
@@ -14,8 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -90,3 +94,72 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
             log.info("removed %s, left behind by an interrupted write", path)
             removed.append(path)
     return removed
+
+
+def _is_same_file(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file: the same path once links and `..` are resolved, or one file
+    under two names (a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, links resolved, is `folder` or lies under it."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _stat(file: str | Path | int) -> os.stat_result | None:
+    """The status of a path or an open file descriptor; None where there is none."""
+    try:
+        return os.fstat(file) if isinstance(file, int) else os.stat(file)
+    except OSError:
+        return None
+
+
+def check_not_an_input(option: str, output: str | Path | int, inputs: Iterable[tuple[str, str | Path | int]],
+                       replaces_folder: bool = False) -> None:
+    """Refuse to write `output` where it would destroy one of the command's inputs.
+
+    Call it before anything is written. An output is refused when it is an input under any name (a
+    symlink, another spelling, a hard link), when it lies inside an input folder (writing there would
+    change that input), and, with `replaces_folder`, when it is a folder that the command replaces as
+    a whole and that holds an input.
+
+    Args:
+        option: what names the output, for the message (e.g. "--output", "data.prepared_dir").
+        output: the path to be written, or an open file descriptor (e.g. standard output's).
+        inputs: (what it is, path) for every file or folder the command reads, e.g.
+            ("the --ref file", path); with a descriptor as `output`, a path may be one too.
+        replaces_folder: `output` is a folder that is replaced as a whole.
+
+    Raises:
+        WriteError: one line naming the option, the output and the input it would destroy.
+    """
+    if isinstance(output, int):
+        out_stat = _stat(output)
+        if out_stat is None or not stat.S_ISREG(out_stat.st_mode):  # a terminal or a pipe is never an input file
+            return
+        for what, path in inputs:
+            in_stat = _stat(path)
+            if in_stat is not None and os.path.samestat(out_stat, in_stat):
+                name = "" if isinstance(path, int) else f" {path}"
+                raise WriteError(f"{option} is {what}{name}; writing it would destroy that input: "
+                                 f"send {option} elsewhere")
+        return
+    output = Path(output)
+    for what, path in inputs:
+        path = Path(path)
+        if _is_same_file(output, path):
+            raise WriteError(f"{option} {output} is {what} {path}; writing it would destroy that input: "
+                             f"choose another {option}")
+        if path.is_dir() and (_is_inside(output, path) or any(
+                _is_same_file(output, file) for file in path.rglob("*") if file.is_file())):
+            raise WriteError(f"{option} {output} is inside {what} {path}; writing it would change that input: "
+                             f"choose another {option}")
+        if replaces_folder and _is_inside(path, output):
+            raise WriteError(f"{option} {output} holds {what} {path}; the folder is replaced as a whole, "
+                             f"which would destroy that input: choose another {option}")

@@ -24,9 +24,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from transformer.atomic import check_not_an_input
 from transformer.config import bounded_int
 from transformer.tokenizer import BOS_ID
-from transformer.cli import add_model_arguments, load_for_decoding, prepare
+from transformer.cli import add_model_arguments, load_for_decoding, model_inputs, prepare
 from transformer.translator import source_ids, translate_ids
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      "encoder and decoder self-attention maps drawn here; give the checkpoint with --engine torch")
     device = prepare(parser, args)
     try:
+        check_not_an_input("--output", args.output, model_inputs(args))
         loaded, decode = load_for_decoding(args, device)
         source = source_ids(loaded.src_tokenizer, [args.sentence], None)[0]
         if not source:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .atomic import atomic_write, atomic_write_bytes
+from .atomic import atomic_write, atomic_write_bytes, check_not_an_input
 from .config import Config, ConfigError, config_from_dict, config_to_dict
 from .model import Transformer
 from .tokenizer import PAD_ID, Tokenizer
@@ -240,15 +240,13 @@ def save_averaged(paths: Sequence[str | Path], output: str | Path, fmt: str = "c
         fmt: "checkpoint" (torch file) or "safetensors" (weights, tokenizers and config only).
 
     Raises:
-        CheckpointError: the inputs cannot be averaged, `output` is one of them (it would lose the
-            training state that resuming needs), or its suffix does not match `fmt`.
-        WriteError: `output` is a folder or cannot be written; no temporary file is left.
+        CheckpointError: the inputs cannot be averaged, `output` is a folder, or its suffix does not
+            match `fmt`.
+        WriteError: `output` is one of `paths` under any name (writing it would lose the training
+            state that resuming needs), or cannot be written; no temporary file is left.
     """
     output = Path(output)
-    for path in paths:
-        same = output.exists() and Path(path).exists() and output.samefile(path)  # also through links
-        if same or Path(path).resolve() == output.resolve():
-            raise CheckpointError(f"{output}: is one of the checkpoints to average; write the average to another file")
+    check_not_an_input("--output", output, [("one of the checkpoints to average", path) for path in paths])
     if output.is_dir():
         raise CheckpointError(f"{output}: is a folder; give the averaged checkpoint a file name")
     if (fmt == "safetensors") != (output.suffix == ".safetensors"):  # loaders pick the reader by the suffix

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import math
+from pathlib import Path
 
 import torch
 
@@ -88,6 +89,13 @@ def decode_settings(decode: DecodeConfig, args: argparse.Namespace) -> DecodeCon
     given = {"beam_size": args.beam, "length_penalty": args.alpha, "batch_tokens": getattr(args, "batch_tokens", None),
              "precision": args.precision}
     return dataclasses.replace(decode, **{k: v for k, v in given.items() if v is not None})
+
+
+def model_inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """The files (or exported folder) that `--checkpoint` and `--rerank-with` name, as
+    `atomic.check_not_an_input` takes them: an output must be none of these."""
+    inputs = [("the --checkpoint", Path(path)) for path in args.checkpoint]
+    return inputs + [("the --rerank-with checkpoint", Path(path)) for path in getattr(args, "rerank_with", None) or []]
 
 
 def load_for_decoding(args: argparse.Namespace, device: torch.device) -> tuple[LoadedModel, DecodeConfig]:

@@ -71,6 +71,22 @@ def _local_file(folder: Path, name: str, lang: str) -> Path:
     raise DataError(f"missing file {stem}[suffix]; tried suffixes {tried}")
 
 
+def local_split_files(cfg: DataConfig, splits: Sequence[str]) -> list[Path]:
+    """The files in ``cfg.local_dir`` that :func:`load_split` reads for `splits`, those that exist;
+    none when the data comes from the hub."""
+    if cfg.local_dir is None or not Path(cfg.local_dir).is_dir():
+        return []
+    names = {"train": cfg.train_split, "valid": cfg.valid_split, "test": cfg.test_split}
+    found = []
+    for split in splits:
+        for lang in (cfg.src_lang, cfg.tgt_lang):
+            try:
+                found.append(_local_file(Path(cfg.local_dir), names[split], lang))
+            except DataError:
+                pass  # reading it will say that it is missing
+    return found
+
+
 def _load_local(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
     """Read one split's source and target files from ``cfg.local_dir``."""
     folder = Path(cfg.local_dir)

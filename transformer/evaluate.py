@@ -19,10 +19,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
+from transformer.atomic import check_not_an_input
 from transformer.bleu import FLAVOUR_LABELS, STANDARD_LABEL, tokenized_bleu
 from transformer.checkpoint import CheckpointError
-from transformer.data import DataError, read_lines, load_split
-from transformer.cli import add_model_arguments, add_rerank_arguments, load_for_decoding, load_reranker, prepare
+from transformer.data import DataError, local_split_files, read_lines, load_split
+from transformer.cli import (
+    add_model_arguments, add_rerank_arguments, load_for_decoding, load_reranker, model_inputs, prepare,
+)
 from transformer.translator import translate
 
 if TYPE_CHECKING:
@@ -123,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--src and --ref go together")
     device = prepare(parser, args)
     try:
+        data_files = [("the --src file", args.src), ("the --ref file", args.ref)] if args.src is not None else []
+        if args.output is not None:  # refused before anything is loaded; the split's files are checked below
+            check_not_an_input("--output", args.output, model_inputs(args) + data_files)
         loaded, decode = load_for_decoding(args, device)
         reranker = load_reranker(args, loaded, decode, device)
         if args.src is not None:
@@ -130,6 +136,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             src_texts, ref_texts = load_split(loaded.config.data, args.split)
             name = args.split
+            data_files = [(f"a file of the {args.split} split", path)
+                          for path in local_split_files(loaded.config.data, [args.split])]
+        output = args.output or Path(args.checkpoint[-1]).parent / f"hyp.{name}.txt"
+        check_not_an_input("--output" if args.output else "the hypothesis file (--output)", output,
+                           model_inputs(args) + data_files)
         if not src_texts:
             data = loaded.config.data
             origin = data.local_dir if data.local_dir and Path(data.local_dir).is_dir() else data.hub_name
@@ -144,7 +155,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.bleu != "sacrebleu":
             result[f"{args.bleu}_bleu"], result[f"{args.bleu}_bleu_details"] = tokenized_bleu(
                 result["hypotheses"], ref_texts, loaded.config.data.tgt_lang, args.bleu)
-        output = args.output or Path(args.checkpoint[-1]).parent / f"hyp.{name}.txt"
         output.write_text("".join(h + "\n" for h in result.pop("hypotheses")), encoding="utf-8")
     except (CheckpointError, DataError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from .atomic import check_not_an_input
 from .checkpoint import CheckpointError, LoadedModel, load_model
 from .config import Config, config_to_dict, finite_float
 from .model import Transformer
@@ -358,7 +359,9 @@ def export(
     Raises:
         CheckpointError: a checkpoint that is missing or not one of this package's.
         ExportError: an unsupported model setting, an occupied output, or a missing library.
+        WriteError: `output` is or holds one of `checkpoints`.
     """
+    check_not_an_input("--output", output, [("the --checkpoint", path) for path in checkpoints], replaces_folder=True)
     if not math.isfinite(length_penalty):  # JSON has no NaN or infinity: the file would not parse
         raise ExportError(f"the length penalty must be a finite number, not {length_penalty}")
     check_output(output)

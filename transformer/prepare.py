@@ -13,7 +13,8 @@ not grow with the corpus. Then:
    (the layout is in :mod:`transformer.prepared`) with a manifest fingerprinting inputs and settings.
 
 Everything is written into a temporary sibling folder that is renamed into place at the end, so an
-interrupted prepare leaves nothing that training would pick up. `transformer-train` calls
+interrupted prepare leaves nothing that training would pick up. The prepared folder must hold none
+of its inputs (it is replaced as a whole). `transformer-train` calls
 :func:`ensure_prepared` when ``data.prepared_dir`` is set: one process per machine (local rank 0)
 prepares if the folder is missing, stale (corpus or settings changed), truncated or edited, while the
 other ranks wait at a barrier; then every rank maps the same files.
@@ -43,6 +44,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from transformer.atomic import check_not_an_input
 from transformer.config import Config, ConfigError, DataConfig, load_config
 from transformer.data import DataError, _local_file
 from transformer.prepared import (
@@ -399,6 +401,7 @@ def prepare(cfg: Config, workers: int | None = None) -> Path:
 
     Raises:
         DataError: unreadable or misaligned corpus, or no pair left after filtering.
+        WriteError: the folder would hold a training file.
     """
     d = cfg.data
     if d.prepared_dir is None:
@@ -406,6 +409,8 @@ def prepare(cfg: Config, workers: int | None = None) -> Path:
     folder = Path(d.prepared_dir)
     start = time.perf_counter()
     corpus = Corpus(d)
+    check_not_an_input("data.prepared_dir", folder, [("a training file", path) for path in corpus.paths],
+                       replaces_folder=True)
     rule = CleanRule(d.clean_max_words, d.clean_ratio)
     counts: collections.Counter = collections.Counter()
 
@@ -597,13 +602,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = load_config(args.config, args.overrides)
         if cfg.data.prepared_dir is None:
             raise ConfigError(f"{args.config}: data.prepared_dir is not set: name the folder to prepare into")
+        check_not_an_input("data.prepared_dir", cfg.data.prepared_dir, [("the --config file", args.config)],
+                           replaces_folder=True)
         reason = None if args.force else stale_reason(cfg)
         if args.force or reason is not None:
             logger.info("preparing: %s", "--force" if args.force else reason)
             prepare(cfg)
         else:
             logger.info("%s is up to date", cfg.data.prepared_dir)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, OSError) as e:  # OSError: a WriteError
         sys.exit(f"error: {e}")
 
 

@@ -28,14 +28,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .atomic import WriteError, atomic_write_bytes, remove_stale_temp_files
+from .atomic import WriteError, atomic_write_bytes, check_not_an_input, remove_stale_temp_files
 from .checkpoint import (
     CheckpointError, checkpoint_config, checkpoint_tokenizers, load_checkpoint, load_resume_checkpoint, resume_changes,
     run_checkpoints, save_averaged, save_checkpoint, tokenizer_state,
 )
 from .config import Config, ConfigError, TrainConfig, config_to_dict, load_config, save_config
 from .data import (
-    BatchSampler, DataError, ParallelData, bucket_batches, collate, encode_pairs, load_split, make_batches,
+    BatchSampler, DataError, ParallelData, bucket_batches, collate, encode_pairs, load_split, local_split_files,
+    make_batches,
 )
 from .loss import TranslationLoss
 from .model import Transformer
@@ -43,7 +44,7 @@ from .plot import plot_metrics
 from .precision import ProbeShape, choose_precision
 from .prepare import Corpus, corpus_change, ensure_prepared
 from .prepared import PreparedData
-from .run_lock import RunLock, RunLockedError
+from .run_lock import LOCK_NAME, RunLock, RunLockedError
 from .runtime import resolve_device, tune_process_for, use_tf32
 from .schedule import cooldown_factor, noam_lr
 from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers, load_or_train_tokenizers, sample_pairs
@@ -770,6 +771,39 @@ def _train(
     return run_dir
 
 
+# What a run writes in train.output_dir, besides its step checkpoints and its tokenizer model(s).
+RUN_FILES = ("config.yaml", "train.log", "metrics.jsonl", "curves.png", LOCK_NAME, "checkpoints/best.pt",
+             "checkpoints/final.pt")
+
+
+def check_run_paths(cfg: Config, config_path: str | Path | None = None, resume: bool = False) -> None:
+    """Refuse a run whose outputs would destroy its inputs (the config file, the training and
+    validation files), through any name: a file the run writes that is one of them, or a
+    data.prepared_dir, which is replaced as a whole when it is prepared again, that holds one of them
+    or the run folder.
+
+    A resumed run may be given the config.yaml it wrote: rewriting it records the same run.
+
+    Raises:
+        WriteError: one line naming the setting, the path and the input.
+    """
+    d, run_dir = cfg.data, Path(cfg.train.output_dir)
+    inputs: list[tuple[str, str | Path]] = [("a data file", path) for path in local_split_files(d, ["train", "valid"])]
+    if config_path is not None:
+        inputs.append(("the --config file", config_path))
+    check_not_an_input("train.output_dir", run_dir, inputs)
+    for name in (*RUN_FILES, "spm.model", f"spm.{d.src_lang}.model", f"spm.{d.tgt_lang}.model"):
+        read = [(what, path) for what, path in inputs if not (resume and name == "config.yaml" and path == config_path)]
+        check_not_an_input("train.output_dir", run_dir / name, read)
+    if d.prepared_dir is not None:
+        prepared = Path(d.prepared_dir)
+        check_not_an_input("data.prepared_dir", prepared, inputs, replaces_folder=True)
+        if run_dir.resolve().is_relative_to(prepared.resolve()):
+            raise WriteError(f"data.prepared_dir {prepared} holds the run folder {run_dir} (train.output_dir); it is "
+                             "replaced as a whole when prepared again, which would delete the run: choose another "
+                             "data.prepared_dir")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="transformer-train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
@@ -784,6 +818,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
+        check_run_paths(cfg, args.config, args.resume)
         # Before the first bf16 matmul, which is when oneDNN reads its cache settings.
         tune_process_for(run_device(cfg.train))
         train(cfg, resume=args.resume, accept_data_change=args.accept_data_change)

@@ -20,8 +20,11 @@ import sys
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
 
+from transformer.atomic import check_not_an_input
 from transformer.checkpoint import CheckpointError
-from transformer.cli import add_model_arguments, add_rerank_arguments, load_for_decoding, load_reranker, prepare
+from transformer.cli import (
+    add_model_arguments, add_rerank_arguments, load_for_decoding, load_reranker, model_inputs, prepare,
+)
 from transformer.translator import translate
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,14 @@ def read_chunks(stream: BinaryIO, name: str, size: int) -> Iterator[list[str]]:
         yield texts
 
 
+def _descriptor(stream: object) -> int:
+    """The file descriptor of a standard stream; -1 where it has none (replaced by an in-memory one)."""
+    try:
+        return stream.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return -1
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="transformer-translate", description="Translate one sentence per line from stdin or a file."
@@ -81,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = prepare(parser, args)
     try:
+        check_not_an_input("standard output", _descriptor(sys.stdout), model_inputs(args) + (
+            [("the --input file", args.input)] if args.input is not None else [("standard input", _descriptor(sys.stdin))]))
         loaded, decode = load_for_decoding(args, device)
         reranker = load_reranker(args, loaded, decode, device)
         if args.input is None:
