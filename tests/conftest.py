@@ -1,6 +1,8 @@
 """Shared test settings and fixtures."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,25 @@ def tiny_lm(tiny_run, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_lm") / "lm.pt"
     torch.save({"settings": settings, "model": model.state_dict(), "tokenizer": proto}, path)
     return path
+
+
+@pytest.fixture
+def killed_staging_folder():
+    """A function (target, kind="tmp") -> the folder that a process killed while building `target`
+    leaves beside it (see `transformer.atomic.staging_folder`), with a partial file in it."""
+    children = []
+
+    def make(target: Path, kind: str = "tmp") -> Path:
+        code = ("import sys, time\nfrom transformer.atomic import staging_folder\n"
+                "print(staging_folder(sys.argv[1], sys.argv[2]), flush=True)\ntime.sleep(60)")
+        child = subprocess.Popen([sys.executable, "-c", code, str(target), kind], stdout=subprocess.PIPE, text=True)
+        children.append(child)
+        folder = Path(child.stdout.readline().strip())
+        (folder / "partial.bin").write_bytes(b"\0" * 100)
+        child.kill()
+        child.wait()
+        return folder
+
+    yield make
+    for child in children:
+        child.stdout.close()

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, MarianMTModel
 from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
 
 from transformer import average, evaluate, export
+from transformer.atomic import staging_folder
 from transformer.bleu import MULTI30K_LABEL, multi30k_bleu
 from transformer.checkpoint import load_model, save_checkpoint, tokenizer_state
 from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, config_to_dict
@@ -361,6 +362,15 @@ def test_bad_inputs_and_occupied_outputs_are_one_line_errors(run, tmp_path):
     with pytest.raises(SystemExit):
         export.main(["--checkpoint", str(run["ckpt"]), "--format", "hf", "--quantization", "int8",
                      "--output", str(tmp_path / "q")])
+
+
+def test_an_export_removes_the_staging_folders_that_killed_exports_left(tiny_run, tmp_path, killed_staging_folder):
+    output = tmp_path / "out"
+    killed = killed_staging_folder(output)
+    live = staging_folder(output)  # this process's, being written
+    export.main(["--checkpoint", str(tiny_run / "checkpoints" / "step_1.pt"), "--format", "hf", "--output", str(output)])
+    assert not killed.exists() and (output / "config.json").is_file()
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name])
 
 
 def test_an_error_during_writing_leaves_no_folder(run, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ The corpus, the overrides and the helpers are the tiny word-for-word ones of tes
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -23,8 +24,9 @@ from test_train import (  # noqa: F401 (restore_process_state is an autouse fixt
     CONFIG, MAX_STEPS, ROOT, TIMEOUT, assert_same_tensors, free_port, overrides, process_state_kept,
     restore_process_state, run_module, step_of, write_corpus,
 )
-from transformer import evaluate
+from transformer import atomic, evaluate
 from transformer import prepare as prepare_module
+from transformer import tokenizer as tokenizer_module
 from transformer import train as train_module
 from transformer.checkpoint import load_checkpoint, run_checkpoints
 from transformer.config import load_config
@@ -192,6 +194,46 @@ def test_an_interrupted_prepare_leaves_nothing_that_training_would_use(corpus, t
             prepare_module.prepare(cfg)
     assert json.loads((folder / "manifest.json").read_text()) == before
     assert prepare_module.stale_reason(cfg) is None
+
+
+def test_a_prepare_removes_the_folders_that_killed_prepares_left_and_no_others(corpus, tmp_path,
+                                                                              killed_staging_folder):
+    folder = tmp_path / "prep"
+    killed = [killed_staging_folder(folder, "tmp"), killed_staging_folder(folder, "old")]
+    live = atomic.staging_folder(folder)  # this process's, being written
+    elsewhere = tmp_path / f".prep.tmp-another-host-{os.getpid()}-abcd1234"  # another host's: its pid says nothing here
+    elsewhere.mkdir()
+    prepare_module.main(["--config", str(CONFIG), "--force", *prepared(corpus, tmp_path / "run", folder)])
+    assert not any(path.exists() for path in killed)
+    assert sorted(os.listdir(tmp_path)) == sorted([elsewhere.name, live.name, "prep"])
+    assert prepare_module.stale_reason(load_config(CONFIG, prepared(corpus, tmp_path / "run", folder))) is None
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["token ids", "index arrays", "manifest", "tokenizer copy"])
+def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_nothing(where, corpus, tmp_path, monkeypatch):
+    folder = tmp_path / "out" / "prep"
+    if where == "token ids":
+        monkeypatch.setattr(prepare_module._HashedWriter, "write", no_space)
+    elif where == "index arrays":
+        monkeypatch.setattr(prepare_module.np, "save", no_space)
+    elif where == "manifest":
+        write_text = Path.write_text
+
+        def manifest_fails(self, *args, **kwargs):
+            return no_space() if self.name == "manifest.json" else write_text(self, *args, **kwargs)
+        monkeypatch.setattr(Path, "write_text", manifest_fails)
+    else:
+        monkeypatch.setattr(tokenizer_module, "atomic_write_bytes", lambda path, data: atomic.atomic_write(path, no_space))
+    with pytest.raises(SystemExit) as exit:
+        prepare_module.main(["--config", str(CONFIG), *prepared(corpus, tmp_path / "run", folder)])
+    message = exit.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    assert message.startswith(f"error: {folder}: ") and "No space left on device" in message, message
+    assert os.listdir(folder.parent) == []  # no prepared folder, no temporary one
 
 
 def test_prepare_cleans_and_deduplicates_as_set_and_counts_it(tmp_path):

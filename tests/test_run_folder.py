@@ -291,6 +291,22 @@ def test_resume_of_a_folder_that_does_not_exist_creates_nothing(corpus, tmp_path
     assert not missing.exists()
 
 
+def test_a_run_that_fails_before_its_first_step_removes_only_the_folders_it_created(tmp_path):
+    (tmp_path / "data").mkdir()
+    data = write_corpus(tmp_path / "data")
+    (data / "train.en").write_text("\n   \n\n" * 100, encoding="utf-8")  # refused once the lock is held
+    new = tmp_path / "runs" / "new"
+    with pytest.raises(SystemExit) as exit:
+        main(["--config", str(CONFIG), *overrides(data, new)])
+    one_line_error(exit, "empty or blank")
+    assert not (tmp_path / "runs").exists()
+    existing = tmp_path / "existing"  # there before the run: kept
+    existing.mkdir()
+    with pytest.raises(SystemExit):
+        main(["--config", str(CONFIG), *overrides(data, existing)])
+    assert existing.is_dir() and not any(existing.iterdir())
+
+
 def test_resume_accepts_another_test_split_which_training_never_reads():
     from transformer.checkpoint import resume_changes
 

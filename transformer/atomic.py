@@ -6,18 +6,24 @@ write that fails (disk full, a folder in the way) removes its temporary file and
 process cannot clean up after itself, so a run's start-up removes leftovers with
 :func:`remove_stale_temp_files`.
 
-Every command that writes refuses, with :func:`check_not_an_input`, an output that is one of its
-inputs.
+Two guards every command that writes shares: :func:`check_not_an_input` refuses an output that is
+one of the command's inputs, and :func:`staging_folder` / :func:`remove_stale_staging_folders` name
+the folders a command builds beside its output so that the leftovers of a killed one can be told
+from a live one's.
 
 This module imports nothing from the rest of the package.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
+import shutil
+import socket
 import stat
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
@@ -163,3 +169,61 @@ def check_not_an_input(option: str, output: str | Path | int, inputs: Iterable[t
         if replaces_folder and _is_inside(path, output):
             raise WriteError(f"{option} {output} holds {what} {path}; the folder is replaced as a whole, "
                              f"which would destroy that input: choose another {option}")
+
+
+def pid_running(pid: int) -> bool:
+    """Whether a process with id `pid` runs on this host."""
+    if pid <= 0:  # 0 and negative ids name process groups, not a process
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _staging_prefix(target: Path, kind: str) -> str:
+    return f".{target.name}.{kind}-"
+
+
+def staging_folder(target: str | Path, kind: str = "tmp") -> Path:
+    """Create an empty folder beside `target` to build it in, named `.NAME.KIND-HOST-PID-XXXXXXXX`.
+
+    The host and the process id in the name let :func:`remove_stale_staging_folders` tell the folder
+    of a killed process from one still being written.
+    """
+    target = Path(target)
+    prefix = f"{_staging_prefix(target, kind)}{socket.gethostname()}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+
+
+def remove_stale_staging_folders(target: str | Path, kinds: Iterable[str] = ("tmp",)) -> list[Path]:
+    """Delete the folders that :func:`staging_folder` made beside `target` for processes of this host
+    that no longer run, logging each.
+
+    The folder of another host, of a live process or of this one is left alone: it may still be
+    written. A process id that was reused only puts the removal off to a later start.
+
+    Returns:
+        The folders removed.
+    """
+    target = Path(target)
+    host = socket.gethostname()
+    removed = []
+    for kind in kinds:
+        prefix = _staging_prefix(target, kind)
+        # mkdtemp's random part is lower-case letters, digits and "_": never a "-"
+        pattern = re.compile(rf"^{re.escape(prefix)}(?P<host>.+)-(?P<pid>\d+)-[a-z0-9_]+$")
+        for path in sorted(target.parent.glob(f"{glob.escape(prefix)}*")):
+            match = pattern.match(path.name)
+            if match is None or match["host"] != host or path.is_symlink() or not path.is_dir():
+                continue
+            pid = int(match["pid"])
+            if pid == os.getpid() or pid_running(pid):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            log.info("removed %s, left behind by an interrupted process (pid %d)", path, pid)
+            removed.append(path)
+    return removed

@@ -20,7 +20,8 @@ The Hugging Face folder is written by `MarianMTModel.save_pretrained` (safetenso
 `MarianTokenizer.save_pretrained`, so it loads with no code from this package; the CTranslate2
 model is converted from that folder by CTranslate2's own converter (see `transformer.ctranslate2_engine`).
 Everything is written into a temporary folder beside DIR and renamed into place at the end, so an
-error leaves no half-written DIR behind.
+error leaves no half-written DIR behind; the next export deletes the ones that killed exports left
+(each names its process).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from .atomic import check_not_an_input
+from .atomic import check_not_an_input, remove_stale_staging_folders, staging_folder
 from .checkpoint import CheckpointError, LoadedModel, load_model
 from .config import Config, config_to_dict, finite_float
 from .model import Transformer
@@ -369,7 +370,8 @@ def export(
     check_exportable(loaded.config)
     loaded.model.float()
     output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    remove_stale_staging_folders(output)
+    staging = staging_folder(output)
     try:
         hf_dir = staging / "hf" if fmt == "ctranslate2" else staging / "out"
         hf_dir.mkdir()

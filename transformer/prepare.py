@@ -13,8 +13,10 @@ not grow with the corpus. Then:
    (the layout is in :mod:`transformer.prepared`) with a manifest fingerprinting inputs and settings.
 
 Everything is written into a temporary sibling folder that is renamed into place at the end, so an
-interrupted prepare leaves nothing that training would pick up. The prepared folder must hold none
-of its inputs (it is replaced as a whole). `transformer-train` calls
+interrupted prepare leaves nothing that training would pick up; the next prepare deletes what a
+killed one left (its folder names the process). The prepared folder must hold none of its inputs
+(it is replaced as a whole), and a disk that fills up ends in one line naming it, with nothing left
+behind. `transformer-train` calls
 :func:`ensure_prepared` when ``data.prepared_dir`` is set: one process per machine (local rank 0)
 prepares if the folder is missing, stale (corpus or settings changed), truncated or edited, while the
 other ranks wait at a barrier; then every rank maps the same files.
@@ -36,7 +38,6 @@ import os
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -44,7 +45,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from transformer.atomic import check_not_an_input
+from transformer.atomic import WriteError, check_not_an_input, remove_stale_staging_folders, staging_folder
 from transformer.config import Config, ConfigError, DataConfig, load_config
 from transformer.data import DataError, _local_file
 from transformer.prepared import (
@@ -60,6 +61,8 @@ CHUNK_PAIRS = 50_000  # pairs read, cleaned and encoded at a time: bounds memory
 PREPARE_TIMEOUT = datetime.timedelta(hours=6)
 
 Chunk = tuple[list[str], list[str]]
+# Folders built beside data.prepared_dir: the new version being written, and the old one being deleted.
+STAGING_KINDS = ("tmp", "old")
 
 
 # ---- reading the training split as a stream of chunks ----
@@ -401,7 +404,7 @@ def prepare(cfg: Config, workers: int | None = None) -> Path:
 
     Raises:
         DataError: unreadable or misaligned corpus, or no pair left after filtering.
-        WriteError: the folder would hold a training file.
+        WriteError: the folder would hold a training file, or cannot be written (e.g. a full disk).
     """
     d = cfg.data
     if d.prepared_dir is None:
@@ -411,6 +414,7 @@ def prepare(cfg: Config, workers: int | None = None) -> Path:
     corpus = Corpus(d)
     check_not_an_input("data.prepared_dir", folder, [("a training file", path) for path in corpus.paths],
                        replaces_folder=True)
+    remove_stale_staging_folders(folder, STAGING_KINDS)
     rule = CleanRule(d.clean_max_words, d.clean_ratio)
     counts: collections.Counter = collections.Counter()
 
@@ -423,9 +427,10 @@ def prepare(cfg: Config, workers: int | None = None) -> Path:
     dtype = "<u2" if vocab <= 1 << 16 else "<i4"
 
     origin = corpus.paths[0].parent if corpus.paths else d.hub_name
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = staging_folder(folder, "tmp")
         tokenizer_paths = copy_tokenizers({d.src_lang: src_tok, d.tgt_lang: tgt_tok}, tmp)
         model_paths = (str(tmp / tokenizer_paths[d.src_lang]), str(tmp / tokenizer_paths[d.tgt_lang]))
 
@@ -486,8 +491,11 @@ def prepare(cfg: Config, workers: int | None = None) -> Path:
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         _move_into_place(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # e.g. the disk is full: one line naming the folder, nothing left behind
+            raise WriteError(f"{folder}: cannot write the prepared data: {e.strerror or e}") from None
         raise
     logger.info("prepared %s: read %d pairs; dropped %d by the word-count filter, %d by the ratio filter, "
                 "%d duplicates, %d empty, %d longer than %d tokens; kept %d pairs, %d + %d tokens "
@@ -507,7 +515,7 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
     folder into place in the meantime, that one is kept and ``tmp`` removed.
     """
     if folder.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+        old = staging_folder(folder, "old")
         os.replace(folder, old / folder.name)
         shutil.rmtree(old, ignore_errors=True)
     try:
@@ -521,7 +529,7 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
 def _child_main(results: Any, function: Callable[..., Any], args: tuple) -> None:
     try:
         results.put(function(*args))
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, OSError) as e:
         results.put(e)
         raise SystemExit(1)
 
@@ -533,7 +541,7 @@ def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
     child inherits the logging handlers, so its lines land in the same log.
 
     Raises:
-        ConfigError, DataError: what ``function`` raised, re-raised here.
+        ConfigError, DataError, OSError: what ``function`` raised, re-raised here.
         DataError: the child died without a result (its exit status is named).
     """
     context = multiprocessing.get_context("fork")
@@ -610,7 +618,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             prepare(cfg)
         else:
             logger.info("%s is up to date", cfg.data.prepared_dir)
-    except (ConfigError, DataError, OSError) as e:  # OSError: a WriteError
+    except (ConfigError, DataError, OSError) as e:  # OSError: a WriteError, e.g. a full disk
         sys.exit(f"error: {e}")
 
 

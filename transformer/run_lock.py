@@ -19,7 +19,7 @@ Otherwise acquiring fails with a one-line :class:`RunLockedError` naming the own
 lock is deleted or taken over finds out at its next refresh (`RunLock.lost`); training then stops. Under
 `torchrun` only global rank 0 writes the run folder, so only it takes the lock.
 
-This module imports nothing from the rest of the package.
+This module imports only :mod:`transformer.atomic` from the rest of the package.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .atomic import pid_running
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
@@ -43,18 +45,6 @@ STALE_SECONDS = 300.0  # ten missed refreshes; clocks of hosts sharing a file sy
 
 class RunLockedError(RuntimeError):
     """The run folder is owned by another live run; the message names it."""
-
-
-def _pid_running(pid: int) -> bool:
-    if pid <= 0:  # 0 and negative pids name process groups, not a process
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
 
 
 def _process_identity(pid: int) -> str | None:
@@ -123,7 +113,7 @@ class RunLock:
         if owner.get("host") != socket.gethostname():
             return aged
         pid = owner.get("pid", -1)
-        if not _pid_running(pid):
+        if not pid_running(pid):
             return True
         recorded, now = owner.get("process"), _process_identity(pid)
         if recorded is not None and now is not None:

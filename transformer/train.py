@@ -510,19 +510,32 @@ def train(cfg: Config, resume: bool = False, accept_data_change: bool = False) -
     Returns:
         The run directory.
 
+    A run that fails before it writes anything removes the folders it created for the run directory.
+
     Raises:
         RunLockedError: another run owns the directory.
         CheckpointError: nothing to resume, or settings a resumed run may not change.
         DataError: the data cannot be read, or changed since the run started (see `accept_data_change`).
         TrainingError: the run cannot go on (e.g. diverged, or its lock was deleted or taken over).
     """
-    if resume and not Path(cfg.train.output_dir).is_dir():  # checked before the lock creates the folder
+    run_dir = Path(cfg.train.output_dir)
+    if resume and not run_dir.is_dir():  # checked before the lock creates the folder
         raise CheckpointError(f"{cfg.train.output_dir}: --resume given but there is no such run folder")
     is_main = int(os.environ.get("RANK", "0")) == 0
     run_log = RunLog() if is_main else None
+    created = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]  # deepest first
     try:
-        with RunLock(cfg.train.output_dir) if is_main else contextlib.nullcontext() as lock:
+        with RunLock(run_dir) if is_main else contextlib.nullcontext() as lock:
             return _train(cfg, resume, run_log, lock, accept_data_change)
+    except BaseException:
+        # The lock is released by now: a folder that holds nothing else is one this run made and
+        # never used. rmdir removes only an empty folder, so nothing another process wrote is lost.
+        for folder in created if is_main else []:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     finally:
         if run_log is not None:
             run_log.close()
