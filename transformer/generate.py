@@ -15,8 +15,7 @@ import sentencepiece as spm
 import torch
 
 from transformer.checkpoint import CheckpointError, check_weights, load_torch_file
-from transformer.config import finite_float
-from transformer.config import ConfigError, bounded_int, size_error
+from transformer.config import ConfigError, bounded_int, finite_float, size_error
 from transformer.model import TransformerLM
 
 # `TransformerLM` settings that size memory -> the config key whose limit bounds them.
