@@ -154,3 +154,11 @@ def test_rank_zero_decides_and_the_other_ranks_follow(monkeypatch):
     # Rank 1 does not measure: it takes what rank 0 decided, even where its own probe would differ.
     assert train_module.run_precision(cfg, CPU, FakeRanks(1, decided="fp32"), None) == "fp32"
     assert probe.calls == []
+
+
+def test_a_borderline_answer_is_not_cached(cache_file):
+    probe = FakeProbe(fp32=1.0, bf16=1.0 / (BF16_MIN_SPEEDUP + 0.05))
+    assert choose_precision("auto", CPU, SHAPE, probe).precision == "bf16"
+    assert not cache_file.exists()
+    probe.calls.clear()
+    assert not choose_precision("auto", CPU, SHAPE, probe).cached and probe.calls  # measured again

@@ -55,6 +55,8 @@ NOT_SIZES = {
     "train.eval_bleu_sentences": "at most the validation split, which is held anyway",
     "train.save_every": "a cadence", "train.keep_last": "files on disk, not memory",
     "train.patience": "a count of validations", "train.max_nonfinite": "a count of steps",
+    "train.short_budget_below": "a count of steps", "train.short_budget_max_steps": "a budget",
+    "train.short_budget_lr_scale": "a rate", "train.short_budget_dropout": "a probability",
     "train.average_last": "checkpoints are averaged one at a time",
     "decode.length_penalty": "a weight",
 }

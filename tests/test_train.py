@@ -118,7 +118,8 @@ def overrides(corpus: Path, run_dir: Path, **changes: Any) -> list[str]:
         "train.lr_decay": "inverse_sqrt", "train.cooldown": 0.2,
         "train.clip_norm": 0, "train.weight_decay": 0, "train.label_smoothing": 0.1, "train.log_every": 5,
         "train.eval_every": 10, "train.eval_bleu_sentences": 20, "train.save_every": 5, "train.keep_last": 5,
-        "train.average_last": 2, "train.patience": 0, "train.max_nonfinite": 10,
+        "train.average_last": 2, "train.patience": 0, "train.max_nonfinite": 10, "train.short_budget": "off",
+        "train.short_budget_below": 2000, "train.short_budget_max_steps": 1600, "train.short_budget_dropout": 0.1,
         "decode.beam_size": 2, "decode.max_len_a": 1.0, "decode.max_len_b": 5, "decode.batch_tokens": 2000,
     }
     for name, value in changes.items():
@@ -394,6 +395,41 @@ def test_a_resumed_run_keeps_its_recorded_precision_and_never_measures_again(cor
     assert load_config(tmp_path / "config.yaml").train.precision == "bf16"
     assert load_checkpoint(run_checkpoints(tmp_path)[-1])["step"] == 4
     assert load_checkpoint(run_checkpoints(tmp_path)[-1])["config"]["train"]["precision"] == "bf16"
+
+
+def test_short_budget_auto_times_the_first_steps_and_a_resume_keeps_the_outcome(corpus, tmp_path, monkeypatch):
+    timed = []
+    monkeypatch.setattr(train_module, "seconds_per_step", lambda *args, **kwargs: timed.append(args) or 100.0)
+    settings = dict(train_short_budget="auto", train_max_minutes=30, train_short_budget_below=1000,
+                    train_short_budget_max_steps=2, train_short_budget_dropout=0.0, train_eval_bleu_sentences=0,
+                    train_average_last=1)
+    train(load_config(CONFIG, overrides(corpus, tmp_path, train_max_steps=20, **settings)))
+    # 30 minutes at 100 s a step fit 18 steps, fewer than 1,000: the short budget's 2 steps.
+    assert len(timed) == 1
+    saved = load_config(tmp_path / "config.yaml")
+    assert (saved.train.short_budget, saved.train.max_steps, saved.model.dropout) == ("on", 2, 0.0)
+    assert load_checkpoint(run_checkpoints(tmp_path)[-1])["step"] == 2
+
+    def timed_again(*args, **kwargs):
+        raise AssertionError("a resumed run timed its steps again")
+
+    monkeypatch.setattr(train_module, "seconds_per_step", timed_again)
+    more = {**settings, "train_short_budget_max_steps": 4}
+    train(load_config(CONFIG, overrides(corpus, tmp_path, train_max_steps=20, **more)), resume=True)
+    assert load_checkpoint(run_checkpoints(tmp_path)[-1])["step"] == 4
+    assert load_config(tmp_path / "config.yaml").train.short_budget == "on"
+
+
+def test_timing_the_steps_leaves_the_random_state_as_it_was(corpus, tmp_path):
+    cfg = load_config(CONFIG, overrides(corpus, tmp_path))
+    src_tok, tgt_tok, data, _, _ = train_module.prepare_data(cfg, tmp_path, None)
+    batches = make_batches(data.src_lens, data.tgt_lens, cfg.train.max_tokens)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    seconds = train_module.seconds_per_step(cfg, torch.device("cpu"), data, batches, src_tok.vocab_size,
+                                            tgt_tok.vocab_size, steps=2)
+    assert seconds > 0 and torch.equal(torch.rand(4), expected)
 
 
 def test_train_gives_back_the_signal_handlers_it_installed(corpus, tmp_path):

@@ -305,6 +305,7 @@ RESUME_MAY_CHANGE = {
     *(f"train.{key}" for key in (
         "output_dir", "device", "threads", "precision", "max_steps", "max_epochs", "max_minutes", "log_every",
         "eval_every", "eval_bleu_sentences", "save_every", "keep_last", "patience", "max_nonfinite", "average_last",
+        "short_budget_max_steps",
     )),
     *(f"decode.{key}" for key in config_to_dict(Config())["decode"]),
 }

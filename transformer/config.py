@@ -115,7 +115,13 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled weight decay (AdamW); the paper uses none
     label_smoothing: float = 0.1  # epsilon_ls of label smoothing
     clip_norm: float = 0.0  # clip the gradient's global norm to this; 0 = no clipping
-    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (fp16 only on CUDA) | "auto" (bf16 where native, else fp32)
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" (fp16 only on CUDA) | "auto" (bf16 where it measures clearly faster, else fp32)
+    short_budget: str = "off"  # "auto": time the first steps and train with the short_budget_* settings where fewer than short_budget_below steps would fit in max_minutes (off without max_minutes) | "on" | "off"
+    short_budget_below: int = 2000  # with short_budget auto: the projected steps under which the short budget is used
+    short_budget_max_steps: int = 1600  # the short budget's train.max_steps
+    short_budget_lr_scale: float = 0.7  # its train.lr_scale
+    short_budget_lr_decay: str = "inverse_sqrt"  # its train.lr_decay
+    short_budget_dropout: float = 0.1  # its model.dropout
     tf32: bool = True  # CUDA only: float32 matmuls and convolutions on TensorFloat-32 tensor cores (Ampere and newer)
     log_every: int = 50  # steps between training log lines
     eval_every: int = 1000  # steps between validations
@@ -399,6 +405,12 @@ def _validate(cfg: Config, source: str) -> None:
         (tr.lr_scale > 0, "train.lr_scale must be > 0"),
         (tr.warmup_steps > 0, "train.warmup_steps must be > 0"),
         (tr.lr_decay in ("inverse_sqrt", "none"), "train.lr_decay must be 'inverse_sqrt' or 'none'"),
+        (tr.short_budget in ("auto", "on", "off"), "train.short_budget must be 'auto', 'on' or 'off'"),
+        (tr.short_budget_below >= 0, "train.short_budget_below must be >= 0"),
+        (tr.short_budget_max_steps > 0, "train.short_budget_max_steps must be > 0"),
+        (tr.short_budget_lr_scale > 0, "train.short_budget_lr_scale must be > 0"),
+        (tr.short_budget_lr_decay in ("inverse_sqrt", "none"), "train.short_budget_lr_decay must be 'inverse_sqrt' or 'none'"),
+        (0.0 <= tr.short_budget_dropout < 1.0, "train.short_budget_dropout must be in [0, 1)"),
         (0.0 <= tr.cooldown <= 1.0, "train.cooldown must be in [0, 1]"),
         (tr.cooldown == 0 or tr.max_steps or tr.max_epochs or tr.max_minutes,
          "train.cooldown needs a budget to cool down towards: set train.max_steps, max_epochs or max_minutes"),

@@ -6,7 +6,7 @@ same instruction no faster than its float32 FMAs and pays for the conversions on
 trains at about 0.6x float32 there. `choose_precision` therefore times both on the CPU, on the
 layer shapes, device and thread count of the run (a probe of well under a second), and picks
 bfloat16 only where it is clearly faster. The answer is cached per CPU, torch version, thread
-count and shape (`cache_path`). GPUs keep the compute-capability rule of `has_native_bf16`.
+count and shape (`cache_path`) when it is clear-cut. GPUs keep the compute-capability rule of `has_native_bf16`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ PROBE_REPEATS = 2
 GLANCE_ROWS = 32
 GLANCE_CLEARLY_SLOWER = 0.5  # bf16 under half float32's speed on the glance is not measured further
 CACHE_ENV = "TRANSFORMER_PRECISION_CACHE"  # a file path, or "off" to measure every time
+# Only a clear answer is kept: one within this factor of BF16_MIN_SPEEDUP could have come out the
+# other way under a burst of load, so it is measured again at the next start.
+CACHE_MARGIN = 1.3
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,8 @@ def bf16_speedup(shape: ProbeShape, measure: Measure | None = None) -> tuple[flo
             bf16.append(measure(shape, "bf16", PROBE_REPEATS))
         speedup = min(fp32) / max(min(bf16), 1e-12)
     seconds = time.perf_counter() - start
-    _store(path, key, speedup)
+    if not BF16_MIN_SPEEDUP / CACHE_MARGIN < speedup < BF16_MIN_SPEEDUP * CACHE_MARGIN:
+        _store(path, key, speedup)
     return speedup, seconds, False
 
 

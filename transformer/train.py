@@ -16,6 +16,7 @@ import logging.handlers
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -47,8 +48,12 @@ from .prepared import PreparedData
 from .run_lock import LOCK_NAME, RunLock, RunLockedError
 from .runtime import resolve_device, tune_process_for, use_tf32
 from .schedule import cooldown_factor, noam_lr
+from .short_budget import resolve_short_budget
 from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers, load_or_train_tokenizers, sample_pairs
 from .translator import translate
+
+# Steps timed (after two untimed ones) where train.short_budget=auto projects a run's steps.
+TIMED_STEPS = 8
 
 log = logging.getLogger("transformer.train")
 
@@ -452,6 +457,33 @@ def run_precision(cfg: Config, device: torch.device, ranks: Ranks, recorded: Con
     return ranks.gather_objects(None if choice is None else choice.precision)[0]
 
 
+def seconds_per_step(
+    cfg: Config, device: torch.device, data: ParallelData | PreparedData, batches: list, src_vocab: int, tgt_vocab: int,
+    steps: int = TIMED_STEPS,
+) -> float:
+    """The median seconds of a training step (batch, forward, backward, Adam) of a throwaway model
+    of `cfg` on the first of `batches`, after two untimed steps. The random state is restored, so
+    the run that follows is the one it would be without this."""
+    tc = cfg.train
+    times = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = Transformer.from_config(cfg.model, src_vocab, tgt_vocab, PAD_ID).to(device)
+        loss_fn = TranslationLoss(model, tc.label_smoothing)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(tc.adam_beta1, tc.adam_beta2),
+                                      eps=tc.adam_eps, fused=True)
+        for indices in batches[:steps + 2]:
+            start = time.perf_counter()
+            batch = collate(indices, data).to(device)
+            with autocast(tc.precision, device):
+                loss = loss_fn(batch.src, batch.tgt_in, batch.tgt_out, batch.src_index, batch.tgt_index)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss.item()  # waits for a GPU's queue
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[2:] or times)
+
+
 def run_device(tc: TrainConfig) -> torch.device:
     """The device of this process: `train.device` for the rank `torchrun` gave it (LOCAL_RANK, WORLD_SIZE).
 
@@ -567,6 +599,8 @@ def _train(
     tc = cfg.train
     autocast(tc.precision, device)  # validates precision against the device before any work
     if resume:
+        cfg = resolve_short_budget(cfg, recorded, None)
+        tc = cfg.train
         changes = resume_changes(recorded, cfg, resume_state["step"])
         log.info("resuming from %s", resume_path)
         for change in changes:
@@ -581,6 +615,13 @@ def _train(
         data_fingerprint = training_data_fingerprint(cfg)
     batches = bucket_batches(train_data.src_lens, train_data.tgt_lens, tc.max_tokens)
     sampler = BatchSampler(batches, tc.seed, rank, world_size)
+    if resume_state is None and tc.short_budget != "off":
+        timed = None
+        if is_main and tc.short_budget == "auto" and tc.max_minutes:
+            timed = seconds_per_step(cfg, device, train_data, sampler.epoch_batches(0), src_tok.vocab_size,
+                                     tgt_tok.vocab_size)
+        cfg = resolve_short_budget(cfg, None, ranks.gather_objects(timed)[0])
+        tc = cfg.train
     resumed_at = Position(**resume_state["position"]) if resume_state is not None else None
     if resumed_at is not None and not resumed_at.validation_due and (done := stop_reason(tc, resumed_at, len(sampler))):
         final = run_dir / "checkpoints" / "final.pt"
