@@ -13,9 +13,9 @@ Each case runs in its own process, measured with `wait4` (its own peak RSS and t
 it passes 20 s or 2 GiB, so that a missing limit fails the test instead of the machine. Paying the
 interpreter's and torch's start-up (seconds of CPU) for each of some fifty cases would make this
 file slow, so most cases run in a process forked from one that has imported the commands already,
-calling the command's `main` as its console script does, and timed from the fork. The cases of the
-issue's own reproductions run as `python -m transformer.CMD`, timed by their CPU seconds, which a
-busy machine does not inflate as it does wall-clock time.
+calling the command's `main` as its console script does, and timed from the fork. A few cases, the
+commands exactly as a user types them, run as `python -m transformer.CMD`, timed by their CPU
+seconds, which a busy machine does not inflate as it does wall-clock time.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def cases() -> list[dict]:
     for name in generate.LM_SIZES:  # in a language model's settings, 10^6 times the file's value
         found.append(dict(id=f"generate settings {name}", kind="fork", module="transformer.generate",
                           names=f"settings {name}", limit=generate.LM_SIZES[name], argv=[f"{{lm_variants}}/{name}.pt"]))
-    # The reproductions of the report, as a user runs them.
+    # Whole commands, as a user runs them.
     found += [
         dict(id="python -m evaluate --beam 1000000", kind="exec", module="transformer.evaluate", names="--beam",
              limit="decode.beam_size", argv=["--checkpoint", "{ckpt}", "--device", "cpu", "--beam", "1000000"]),

@@ -366,8 +366,12 @@ def load_model(paths: Sequence[str | Path], device: str | torch.device = "cpu") 
     config = checkpoint_config(state, path)
     src_tok, tgt_tok = checkpoint_tokenizers(state, config.tokenizer.joint, path)
     try:
+        # The shapes are checked on a model without storage first: a small file whose config asks for
+        # a huge model (each size within its limit) is refused before that model is allocated.
+        with torch.device("meta"):
+            check_weights(Transformer.from_config(config.model, src_tok.vocab_size, tgt_tok.vocab_size, PAD_ID),
+                          state["model"], path)
         model = Transformer.from_config(config.model, src_tok.vocab_size, tgt_tok.vocab_size, PAD_ID)
-        check_weights(model, state["model"], path)
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"{path}: inconsistent checkpoint ({str(e).splitlines()[0][:200]})") from None

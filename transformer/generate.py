@@ -47,8 +47,9 @@ def load_lm(path: Path) -> tuple[TransformerLM, spm.SentencePieceProcessor]:
         if message is not None:
             raise LMCheckpointError(f"{path}: {message}")
     try:
+        with torch.device("meta"):  # shapes checked before anything of the file's size is allocated
+            check_weights(TransformerLM(**state["settings"]), state["model"], path)
         model = TransformerLM(**state["settings"])
-        check_weights(model, state["model"], path)
         model.load_state_dict(state["model"])
         tokenizer = spm.SentencePieceProcessor(model_proto=state["tokenizer"].numpy().tobytes())
     except CheckpointError as e:  # a tensor missing, of the wrong shape, or not finite
