@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import transformer.model.attention as attention_module
+from helpers import CONFIG, TINY_WORDS, overrides, process_state_kept, tiny_sentences, write_corpus
 
 # No test reads or writes the user's cache of precision measurements: "auto" measures afresh.
 os.environ["TRANSFORMER_PRECISION_CACHE"] = "off"
@@ -37,17 +38,78 @@ def attention_kernel(request, monkeypatch):
     return request.param
 
 
-TINY_WORDS = {
-    "de": "ein mann eine frau kind hund spielt läuft im park auf der straße mit einem ball schnell".split(),
-    "en": "a man woman child dog plays runs in the park on street with ball quickly".split(),
-}
+@pytest.fixture
+def restore_process_state():
+    """Signal and log handlers as they were before the test, whatever an in-process run installed. Use
+    it with `pytestmark = pytest.mark.usefixtures("restore_process_state")`."""
+    with process_state_kept():
+        yield
 
 
-def tiny_sentences(words: list[str], n: int, seed: int) -> list[str]:
-    """`n` seeded random sentences of 3 to 8 of `words`."""
-    generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(3, 9, (n,), generator=generator).tolist()
-    return [" ".join(words[i] for i in torch.randint(len(words), (k,), generator=generator).tolist()) for k in lengths]
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Plain-text train/valid/test files for de -> en (`helpers.write_corpus`), and a tokenizer cache
+    shared by the module's runs."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> Path:
+    """An uninterrupted run of `transformer-train` (in-process, through its command-line entry point)
+    on `corpus` with `helpers.overrides`, the run that resumed and altered runs are compared with."""
+    from transformer.train import main
+
+    run_dir = tmp_path_factory.mktemp("reference")
+    with process_state_kept():
+        main(["--config", str(CONFIG), *overrides(corpus, run_dir)])
+    return run_dir
+
+
+def write_tiny_run(root: Path, model: dict, steps: tuple[int, ...], data: dict | None = None, train: dict | None = None):
+    """Write a run folder of a tiny untrained de->en model into `root` and return its `Config`.
+
+    data/{train,valid,test}.{de,en} (200, 6 and 8 sentences of `TINY_WORDS`), a joint 100-piece
+    SentencePiece model, and checkpoints/step_N.pt for each N in `steps` (weights seeded with N, the
+    same config and vocabulary). `model`, `data` and `train` are keyword arguments of the config's
+    sections.
+    """
+    from transformer.checkpoint import save_checkpoint, tokenizer_state
+    from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, TrainConfig
+    from transformer.config import config_to_dict
+    from transformer.model import Transformer
+    from transformer.tokenizer import PAD_ID, train_tokenizer
+
+    folder = root / "data"
+    folder.mkdir()
+    for split, seed, n in (("train", 0, 200), ("valid", 1, 6), ("test", 2, 8)):
+        for lang, offset in (("de", 0), ("en", 10)):
+            text = "\n".join(tiny_sentences(TINY_WORDS[lang], n, seed + offset)) + "\n"
+            (folder / f"{split}.{lang}").write_text(text, encoding="utf-8")
+    texts = [line for lang in ("de", "en") for line in (folder / f"train.{lang}").read_text(encoding="utf-8").split("\n")]
+    tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=100), root / "spm")
+    cfg = Config(
+        model=ModelConfig(**model),
+        data=DataConfig(local_dir=str(folder), valid_split="valid", test_split="test", **(data or {})),
+        decode=DecodeConfig(beam_size=2, max_len_a=1.0, max_len_b=4),
+        train=TrainConfig(**(train or {})),
+    )
+    for step in steps:
+        torch.manual_seed(step)
+        weights = Transformer.from_config(cfg.model, tokenizer.vocab_size, tokenizer.vocab_size, PAD_ID)
+        state = {"config": config_to_dict(cfg), "model": weights.state_dict(),
+                 "tokenizers": tokenizer_state(tokenizer, tokenizer), "step": step}
+        save_checkpoint(state, root / "checkpoints" / f"step_{step}.pt")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A run folder with test/valid data and three checkpoints (steps 1, 2 and 10) of a tiny untrained
+    model with a two-layer decoder, and no config.yaml: what the decoding commands read."""
+    root = tmp_path_factory.mktemp("run")
+    write_tiny_run(root, dict(d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=2, dropout=0.0,
+                              max_len=24, share_embeddings=True), steps=(1, 2, 10))
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -58,35 +120,13 @@ def tiny_run(tmp_path_factory) -> Path:
     and checkpoints/step_1.pt and step_2.pt (different weights, the same config and joint vocabulary,
     shared embeddings, so that they average and export). Tests must not change it: copy what they alter.
     """
-    from transformer.checkpoint import save_checkpoint, tokenizer_state
-    from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, TrainConfig
-    from transformer.config import config_to_dict, save_config
-    from transformer.model import Transformer
-    from transformer.tokenizer import PAD_ID, train_tokenizer
+    from transformer.config import save_config
 
     root = tmp_path_factory.mktemp("tiny_run")
-    data = root / "data"
-    data.mkdir()
-    for split, seed, n in (("train", 0, 200), ("valid", 1, 6), ("test", 2, 8)):
-        for lang, offset in (("de", 0), ("en", 10)):
-            text = "\n".join(tiny_sentences(TINY_WORDS[lang], n, seed + offset)) + "\n"
-            (data / f"{split}.{lang}").write_text(text, encoding="utf-8")
-    texts = [line for lang in ("de", "en") for line in (data / f"train.{lang}").read_text(encoding="utf-8").split("\n")]
-    tokenizer = train_tokenizer(texts, TokenizerConfig(vocab_size=100), root / "spm")
-    cfg = Config(
-        model=ModelConfig(d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=1, dropout=0.0,
-                          max_len=64, share_embeddings=True),
-        data=DataConfig(local_dir=str(data), valid_split="valid", test_split="test", max_len=50),
-        decode=DecodeConfig(beam_size=2, max_len_a=1.0, max_len_b=4),
-        train=TrainConfig(output_dir=str(root), device="cpu", max_steps=2),
-    )
+    cfg = write_tiny_run(root, dict(d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=1,
+                                    dropout=0.0, max_len=64, share_embeddings=True),
+                         steps=(1, 2), data=dict(max_len=50), train=dict(output_dir=str(root), device="cpu", max_steps=2))
     save_config(cfg, root / "config.yaml")
-    for step in (1, 2):
-        torch.manual_seed(step)
-        model = Transformer.from_config(cfg.model, tokenizer.vocab_size, tokenizer.vocab_size, PAD_ID)
-        state = {"config": config_to_dict(cfg), "model": model.state_dict(),
-                 "tokenizers": tokenizer_state(tokenizer, tokenizer), "step": step}
-        save_checkpoint(state, root / "checkpoints" / f"step_{step}.pt")
     return root
 
 

@@ -12,49 +12,15 @@ import torch
 
 from transformer import attention_plot, average, cli, evaluate, precision, runtime, translate
 from transformer.checkpoint import load_checkpoint, load_model, save_checkpoint, tokenizer_state
-from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, config_to_dict
+from transformer.config import ModelConfig, TokenizerConfig
 from transformer.model import Transformer
 from transformer.rerank import ChannelReranker
 from transformer.tokenizer import PAD_ID, train_tokenizer
 from transformer.translator import translate as translate_texts
 
-WORDS_DE = "ein mann eine frau kind hund spielt läuft im park auf der straße mit einem ball schnell".split()
-WORDS_EN = "a man woman child dog plays runs in the park on street with ball quickly".split()
-
-
-def sentences(words: list[str], n: int, seed: int) -> list[str]:
-    generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(3, 9, (n,), generator=generator).tolist()
-    return [" ".join(words[i] for i in torch.randint(len(words), (k,), generator=generator).tolist()) for k in lengths]
-
+from helpers import one_line_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A run folder with test/valid data, two checkpoints of a tiny untrained model, and a run layout."""
-    root = tmp_path_factory.mktemp("run")
-    data = root / "data"
-    data.mkdir()
-    for split, seed, n in (("train", 0, 200), ("valid", 1, 6), ("test", 2, 8)):
-        (data / f"{split}.de").write_text("\n".join(sentences(WORDS_DE, n, seed)) + "\n", encoding="utf-8")
-        (data / f"{split}.en").write_text("\n".join(sentences(WORDS_EN, n, seed + 10)) + "\n", encoding="utf-8")
-    train_texts = (data / "train.de").read_text().split("\n") + (data / "train.en").read_text().split("\n")
-    tokenizer = train_tokenizer(train_texts, TokenizerConfig(vocab_size=100), root / "spm")
-    cfg = Config(
-        model=ModelConfig(d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=2, dropout=0.0,
-                          max_len=24, share_embeddings=True),
-        data=DataConfig(local_dir=str(data), valid_split="valid", test_split="test"),
-        decode=DecodeConfig(beam_size=2, max_len_a=1.0, max_len_b=4),
-    )
-    for step in (1, 2, 10):
-        torch.manual_seed(step)
-        model = Transformer.from_config(cfg.model, tokenizer.vocab_size, tokenizer.vocab_size, PAD_ID)
-        state = {"config": config_to_dict(cfg), "model": model.state_dict(),
-                 "tokenizers": tokenizer_state(tokenizer, tokenizer), "step": step}
-        save_checkpoint(state, root / "checkpoints" / f"step_{step}.pt")
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +30,6 @@ def bad_files(run) -> dict[str, Path]:
     (run / "truncated.pt").write_bytes(good[: len(good) // 2])
     (run / "text.pt").write_text("not a checkpoint\n")
     return {"missing": run / "missing.pt", "truncated": run / "truncated.pt", "text": run / "text.pt"}
-
-
-def one_line_error(exit: pytest.ExceptionInfo, *fragments: str) -> str:
-    message = exit.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
-    assert all(f in message for f in fragments), message
-    return message
 
 
 def test_evaluate_reports_scores_and_writes_hypotheses(run, capsys):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_cli import WORDS_DE, one_line_error, run, sentences  # noqa: F401 (fixtures)
+from helpers import TINY_WORDS, one_line_error, tiny_sentences
 from transformer import attention_plot, average, evaluate, translate
 from transformer.checkpoint import load_checkpoint, load_model, save_checkpoint, tokenizer_state
 from transformer.config import TokenizerConfig, config_to_dict
@@ -36,7 +36,7 @@ def test_average_refuses_checkpoints_of_another_vocabulary_or_tokenizer_or_model
     output = tmp_path / "avg.pt"
 
     # Another vocabulary: different embedding shapes (a traceback before).
-    other_texts = sentences(WORDS_DE, 200, 7)
+    other_texts = tiny_sentences(TINY_WORDS["de"], 200, 7)
     bigger = train_tokenizer(other_texts, TokenizerConfig(vocab_size=120), tmp_path / "bigger")
 
     def other_vocabulary(state):
@@ -49,7 +49,7 @@ def test_average_refuses_checkpoints_of_another_vocabulary_or_tokenizer_or_model
     one_line_error(exit, "vocab.pt", "tokenizer differs", str(first))
 
     # The same shapes, another tokenizer: averaged silently into a meaningless model before.
-    same_size = train_tokenizer(sentences(WORDS_DE, 200, 8), TokenizerConfig(vocab_size=100), tmp_path / "same")
+    same_size = train_tokenizer(tiny_sentences(TINY_WORDS["de"], 200, 8), TokenizerConfig(vocab_size=100), tmp_path / "same")
     original = load_model([first]).src_tokenizer
     assert same_size.vocab_size == original.vocab_size and same_size.to_bytes() != original.to_bytes()
     tokenizer = variant(run, tmp_path, "tokenizer.pt",

@@ -20,7 +20,6 @@ import copy
 import json
 import logging
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,10 +36,7 @@ from transformer.train import main as train_main
 from transformer.rerank import ChannelReranker, channel_log_probs
 from transformer.translator import translate, translate_ids
 
-# Helpers of the neighbouring test modules (tests/ is on sys.path under pytest's default import
-# mode, as for conftest.py).
-from test_search import random_model, random_source
-from test_train import CONFIG, MAX_STEPS, overrides, process_state_kept, write_corpus
+from helpers import CONFIG, MAX_STEPS, overrides, process_state_kept, random_model, random_source
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # fp16 needs CUDA (GradScaler); bf16 on a CPU without native bf16 is only slow, so it runs on CUDA only.
@@ -49,12 +45,6 @@ RUNS = [(device, precision) for device in DEVICES
 
 VOCAB = 40
 TIGHT = dict(rtol=1e-10, atol=1e-10)  # float64 on both sides: only summation order may differ
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """test_train's tiny de -> en corpus."""
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(params=DEVICES)

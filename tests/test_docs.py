@@ -109,3 +109,34 @@ def test_files_named_in_the_docs_exist(path):
     named = set(re.findall(r"`((?:transformer|configs|scripts|tests)/[\w./*-]*\.(?:py|yaml))`", text))
     missing = [n for n in sorted(named) if not list(ROOT.glob(n))]
     assert not missing, f"{path.name} names files that do not exist: {missing}"
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives the file's headings: lowercased, punctuation dropped, spaces as
+    hyphens, and -1, -2, ... after a repeated one. Lines in fenced code blocks are not headings."""
+    anchors: set[str] = set()
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+    for heading in re.findall(r"^#{1,6} +(.+?) *#*$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
+    return anchors
+
+
+@pytest.mark.parametrize("path", [README, *DOCS], ids=lambda p: p.name)
+def test_links_between_the_docs_resolve(path):
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue  # a web address
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        if not linked.exists():
+            broken.append(target)
+        elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked):
+            broken.append(target)
+    assert not broken, f"{path.name} links to files or headings that do not exist: {broken}"

@@ -22,6 +22,8 @@ from transformer.search import greedy_search
 from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
 from transformer.translator import source_ids, translate_ids
 
+from helpers import one_line_error
+
 # shared/ lies beside the repository, in development and in CI.
 MULTI30K = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k")
 MAX_TOKENS = 10  # output tokens before EOS, the same limit for every engine
@@ -311,14 +313,6 @@ def test_average_refuses_a_file_name_its_format_could_not_be_loaded_by(run, tmp_
             average.main(["--inputs", str(run["ckpt"]), "--output", str(tmp_path / name), "--format", fmt])
         one_line_error(exit, name, ".safetensors")
     assert os.listdir(tmp_path) == []
-
-
-def one_line_error(exit: pytest.ExceptionInfo, *fragments: str) -> str:
-    message = str(exit.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-    return message
 
 
 @pytest.mark.parametrize("setting, value, named", [

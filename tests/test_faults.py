@@ -17,12 +17,11 @@ from typing import Any
 
 import pytest
 
-from test_train import (  # noqa: F401 (fixtures)
-    CONFIG, MAX_STEPS, ROOT, TIMEOUT, assert_same_tensors, corpus, overrides, reference, restore_process_state,
-)
-from test_run_folder import steps_logged
+from helpers import CONFIG, MAX_STEPS, ROOT, TIMEOUT, assert_same_tensors, overrides, steps_logged
 from transformer.checkpoint import load_checkpoint, run_checkpoints
 from transformer.train import main
+
+pytestmark = pytest.mark.usefixtures("restore_process_state")
 
 # argv: POINT, then transformer-train's arguments. Kills this process (SIGKILL: no handler, no
 # cleanup) at POINT of the run.

@@ -18,7 +18,6 @@ import json
 import math
 import os
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,13 +35,7 @@ from transformer.search import Hypothesis, beam_search, greedy_search
 from transformer.tokenizer import EOS_ID, PAD_ID
 from transformer.train import Ranks, main, optimizer_step, train
 
-from test_search import random_model, random_source
-from test_train import CONFIG, one_line_error, overrides, write_corpus
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+from helpers import CONFIG, ROOT, free_port, one_line_error, overrides, random_model, random_source, run_module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +504,6 @@ def test_a_non_finite_step_on_one_rank_is_skipped_by_both_ranks_of_a_real_torchr
     infinite gradient (finite loss) at step 4. Both ranks must take the same branches through the
     same collectives (no hang, no error), skip both updates, lower the scale twice and end with
     identical parameters."""
-    from test_train import ROOT, free_port, run_module
     record_dir = tmp_path / "record"
     record_dir.mkdir()
     changes = {"train_max_steps": 5, "train_eval_every": 1000, "train_save_every": 1000,

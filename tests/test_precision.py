@@ -14,6 +14,8 @@ from transformer import train as train_module
 from transformer.config import load_config
 from transformer.precision import BF16_MIN_SPEEDUP, ProbeShape, bf16_speedup, choose_precision
 
+from helpers import CONFIG
+
 CPU = torch.device("cpu")
 SHAPE = ProbeShape.of(256, 1024, 8000, 2000, training=True)
 
@@ -96,13 +98,11 @@ def test_the_answer_is_cached_per_cpu_torch_version_threads_and_shape(cache_file
     assert not measured_again()
     assert bf16_speedup(ProbeShape.of(512, 2048, 8000, 2000, training=True), probe)[2] is False  # another shape
     assert bf16_speedup(ProbeShape.of(256, 1024, 8000, 2000, training=False), probe)[2] is False  # decoding
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an emulated older CPU is another CPU
-    assert measured_again()
     monkeypatch.setattr(precision, "cpu_identity", lambda: "another CPU")
     assert measured_again()
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert measured_again()
-    assert len(json.loads(cache_file.read_text())) == 7
+    assert len(json.loads(cache_file.read_text())) == 6
 
 
 def test_the_cache_can_be_turned_off_and_a_damaged_one_is_measured_over(cache_file, monkeypatch):
@@ -148,7 +148,7 @@ class FakeRanks:
 
 
 def test_rank_zero_decides_and_the_other_ranks_follow(monkeypatch):
-    cfg = load_config(Path(__file__).parent.parent / "configs" / "multi30k_de_en.yaml")
+    cfg = load_config(CONFIG)
     probe = FakeProbe(fp32=1.0, bf16=0.5)
     monkeypatch.setattr(precision, "measure_probe", probe)
     assert train_module.run_precision(cfg, CPU, FakeRanks(0, decided=""), None) == "bf16" and probe.calls

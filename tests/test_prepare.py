@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_train import (  # noqa: F401 (restore_process_state is an autouse fixture)
-    CONFIG, MAX_STEPS, ROOT, TIMEOUT, assert_same_tensors, free_port, overrides, process_state_kept,
-    restore_process_state, run_module, step_of, write_corpus,
+from helpers import (
+    CONFIG, MAX_STEPS, ROOT, TIMEOUT, assert_same_tensors, free_port, overrides, run_module, step_of,
 )
 from transformer import atomic, evaluate
 from transformer import prepare as prepare_module
@@ -34,19 +33,8 @@ from transformer.data import BatchSampler, DataError, bucket_batches, collate
 from transformer.prepared import open_prepared
 from transformer.train import main, train
 
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory) -> Path:
-    """An uninterrupted run on the in-memory path."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    with process_state_kept():
-        main(["--config", str(CONFIG), *overrides(corpus, run_dir)])
-    return run_dir
+# `reference` (conftest.py) is the run on the in-memory path that prepared runs are compared with.
+pytestmark = pytest.mark.usefixtures("restore_process_state")
 
 
 def prepared(corpus: Path, run_dir: Path, folder: Path, *extra: str, **changes) -> list[str]:

@@ -14,8 +14,6 @@ from transformer.model.layers import FeedForward
 from transformer.quantize import Int8FeedForward, Int8InputProjection, int8_linear, quantize_int8, quantized_engine
 from transformer.search import beam_search
 
-from test_cli import run  # noqa: F401 (the tiny run fixture)
-
 
 def model() -> Transformer:
     torch.manual_seed(0)

@@ -22,14 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train import (  # noqa: F401 (fixtures)
-    CONFIG, MAX_STEPS, assert_same_tensors, corpus, one_line_error, overrides, reference, restore_process_state,
-    step_of, write_corpus,
-)
+from helpers import CONFIG, MAX_STEPS, assert_same_tensors, one_line_error, overrides, step_of, steps_logged, write_corpus
 from transformer.checkpoint import load_checkpoint, run_checkpoints, save_checkpoint
 from transformer.config import load_config
 from transformer.plot import read_metrics
 from transformer.train import main
+
+pytestmark = pytest.mark.usefixtures("restore_process_state")
 
 LOCK = "run.lock"
 
@@ -48,11 +47,6 @@ def copy_run(reference: Path, tmp_path: Path) -> Path:
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     return run_dir
-
-
-def steps_logged(run_dir: Path) -> list[tuple[int, bool]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], "valid_loss" in r) for r in rows]
 
 
 # ---- the lock ----

@@ -11,30 +11,12 @@ from transformer.model import DecoderCache, Transformer
 import transformer.search as search
 from transformer.search import Hypothesis, beam_search, greedy_search, length_penalty_factor, top_k
 
+from helpers import random_model, random_source
+
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def random_model(seed: int, vocab: int = 20, dtype: torch.dtype = torch.float64, **kwargs) -> Transformer:
-    """A small untrained model whose next-token distributions are far from uniform."""
-    torch.manual_seed(seed)
-    model = Transformer(vocab, vocab, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=2,
-                        dropout=0.0, tie_output=False, **kwargs)
-    with torch.no_grad():
-        model.output_projection.weight.mul_(4.0)  # peaky distributions: the search choices matter
-    return model.to(dtype).eval()
-
-
-def random_source(seed: int, lengths: list[int], vocab: int = 20) -> Tensor:
-    """(B, S) right-padded source ids ending with EOS, one row per length."""
-    generator = torch.Generator().manual_seed(seed)
-    src = torch.full((len(lengths), max(lengths)), PAD)
-    for i, n in enumerate(lengths):
-        src[i, : n - 1] = torch.randint(4, vocab, (n - 1,), generator=generator)
-        src[i, n - 1] = EOS
-    return src
 
 
 def sequence_log_probs(model: Transformer, src: Tensor, outputs: list[list[int]]) -> list[float]:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from transformer.config import ConfigError, load_config
 from transformer.short_budget import projected_steps, resolve_short_budget
 
-CONFIG = Path(__file__).parent.parent / "configs" / "multi30k_de_en.yaml"
+from helpers import CONFIG
 
 
 @pytest.fixture

@@ -10,21 +10,16 @@ their `main`, and SIGTERM/SIGINT are sent by the test process to itself at a cho
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import json
-import logging
 import math
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -42,126 +37,12 @@ from transformer.tokenizer import PAD_ID
 from transformer.loss import TranslationLoss
 from transformer.train import TrainingError, main, train
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "multi30k_de_en.yaml"
-TIMEOUT = 180  # seconds for any one subprocess: far above what they need, only there to end a hang
+from helpers import (
+    CONFIG, MAX_STEPS, ROOT, SPLITS, TIMEOUT, assert_same_tensors, free_port, one_line_error, overrides,
+    process_state_kept, run_module, step_of,
+)
 
-# A word-for-word dictionary: the "translation" of a sentence is the mapped words in the same order.
-LEXICON = {
-    "ein": "a", "mann": "man", "frau": "woman", "kind": "child", "hund": "dog", "katze": "cat",
-    "spielt": "plays", "läuft": "runs", "springt": "jumps", "sitzt": "sits", "im": "in the", "park": "park",
-    "auf": "on", "der": "the", "straße": "street", "mit": "with", "einem": "a", "ball": "ball",
-    "schnell": "quickly", "rot": "red", "blau": "blue", "groß": "big", "klein": "small", "wasser": "water",
-    "vor": "in front of", "dem": "the", "baum": "tree", "junge": "boy", "mädchen": "girl", "fährt": "rides",
-    "fahrrad": "bike", "isst": "eats", "apfel": "apple", "grün": "green", "weiß": "white", "zwei": "two",
-}
-SPLITS = {"train": 300, "valid": 30, "test": 20}
-MAX_STEPS = 30  # of the reference run and of every run compared with it
-
-
-@contextlib.contextmanager
-def process_state_kept():
-    """In-process runs install signal handlers and log handlers; put the test process back as it was."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    root = logging.getLogger()
-    log_handlers, level = list(root.handlers), root.level
-    try:
-        yield
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        for handler in list(root.handlers):
-            if handler not in log_handlers:
-                root.removeHandler(handler)
-                handler.close()
-        root.setLevel(level)
-
-
-@pytest.fixture(autouse=True)
-def restore_process_state():
-    with process_state_kept():
-        yield
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """Plain-text train/valid/test files for de -> en, and a tokenizer cache shared by the module's runs."""
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def write_corpus(folder: Path) -> Path:
-    """Write a tiny word-for-word de -> en corpus, train/valid/test, into `folder` and return it."""
-    rng = random.Random(0)
-    words = sorted(LEXICON)
-    for split, n in SPLITS.items():
-        src = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(n)]
-        (folder / f"{split}.de").write_text("".join(s + "\n" for s in src), encoding="utf-8")
-        (folder / f"{split}.en").write_text("".join(" ".join(LEXICON[w] for w in s.split()) + "\n" for s in src),
-                                            encoding="utf-8")
-    return folder
-
-
-def overrides(corpus: Path, run_dir: Path, **changes: Any) -> list[str]:
-    """Dotted overrides of the real de-en config that make a seconds-long CPU run; `train_max_steps=5`
-    style keyword arguments (section and key joined by the first underscore) change single values."""
-    values: dict[str, Any] = {
-        "data.local_dir": corpus, "data.hub_name": "null", "data.src_lang": "de", "data.tgt_lang": "en",
-        "data.train_split": "train", "data.valid_split": "valid", "data.test_split": "test", "data.max_len": 100,
-        "tokenizer.type": "bpe", "tokenizer.vocab_size": 120, "tokenizer.joint": "true",
-        "tokenizer.cache_dir": corpus / "tokenizers",
-        "model.d_model": 32, "model.n_heads": 2, "model.d_ff": 64, "model.n_encoder_layers": 1,
-        "model.n_decoder_layers": 1, "model.dropout": 0.1, "model.attention_dropout": 0.0, "model.max_len": 128,
-        "model.share_embeddings": "true", "model.tie_output": "true",
-        "train.output_dir": run_dir, "train.seed": 1, "train.device": "cpu", "train.threads": 1,
-        "train.precision": "fp32", "train.max_tokens": 300, "train.accumulate": 1, "train.max_steps": MAX_STEPS,
-        "train.max_epochs": 0, "train.max_minutes": 0, "train.lr_scale": 1, "train.warmup_steps": 10,
-        "train.lr_decay": "inverse_sqrt", "train.cooldown": 0.2,
-        "train.clip_norm": 0, "train.weight_decay": 0, "train.label_smoothing": 0.1, "train.log_every": 5,
-        "train.eval_every": 10, "train.eval_bleu_sentences": 20, "train.save_every": 5, "train.keep_last": 5,
-        "train.average_last": 2, "train.patience": 0, "train.max_nonfinite": 10, "train.short_budget": "off",
-        "train.short_budget_below": 2000, "train.short_budget_max_steps": 1600, "train.short_budget_dropout": 0.1,
-        "decode.beam_size": 2, "decode.max_len_a": 1.0, "decode.max_len_b": 5, "decode.batch_tokens": 2000,
-    }
-    for name, value in changes.items():
-        section, key = name.split("_", 1)
-        assert f"{section}.{key}" in values, name
-        values[f"{section}.{key}"] = value
-    return [f"{key}={value}" for key, value in values.items()]
-
-
-def run_module(*args: str, **kwargs: Any) -> subprocess.CompletedProcess:
-    """`python -m ARGS` from the repository root, output captured as text."""
-    return subprocess.run([sys.executable, "-m", *args], check=False, cwd=ROOT, capture_output=True, text=True,
-                          timeout=TIMEOUT, **kwargs)
-
-
-def step_of(path: Path) -> int:
-    return int(path.stem.split("_")[1])
-
-
-def assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
-    """Recursively: equal structure, bit-identical tensors, equal other values."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys differ"
-        for key in a:
-            assert_same_tensors(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tensors(x, y, f"{where}/{i}")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
-@pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory) -> Path:
-    """An uninterrupted run of `transformer-train` (in-process, through its command-line entry point)."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    with process_state_kept():
-        main(["--config", str(CONFIG), *overrides(corpus, run_dir)])
-    return run_dir
+pytestmark = pytest.mark.usefixtures("restore_process_state")
 
 
 def test_a_run_writes_its_outputs_and_the_tools_use_them(reference, corpus, capsys, monkeypatch):
@@ -440,12 +321,6 @@ def test_train_gives_back_the_signal_handlers_it_installed(corpus, tmp_path):
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path):
     # Dropout off: every rank seeds the same generator, so two ranks draw the same masks where one
     # process draws two different ones in sequence; with dropout the runs differ by design.
@@ -477,12 +352,6 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(corpus,
                                    msg=lambda message, key=key: f"{key}: {message}")
     # The data-parallel run really had two ranks, each with half of the batches.
     assert f"in {len(batches) // 2} batches per epoch per rank" in (ddp_dir / "train.log").read_text()
-
-
-def one_line_error(exit: pytest.ExceptionInfo, *fragments: str) -> None:
-    message = exit.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
-    assert all(f in message for f in fragments), message
 
 
 def test_unknown_config_key_is_one_line_with_a_suggestion(corpus, tmp_path):
