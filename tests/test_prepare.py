@@ -220,8 +220,21 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_nothing(where, cor
         prepare_module.main(["--config", str(CONFIG), *prepared(corpus, tmp_path / "run", folder)])
     message = exit.value.code
     assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
-    assert message.startswith(f"error: {folder}: ") and "No space left on device" in message, message
+    assert message.startswith(f"error: {folder}: cannot write the prepared data: "), message
+    assert "No space left on device" in message, message
     assert os.listdir(folder.parent) == []  # no prepared folder, no temporary one
+
+
+def test_a_failure_that_is_not_the_disks_is_not_called_a_write_error(corpus, tmp_path, monkeypatch):
+    def fails(*args, **kwargs):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+
+    monkeypatch.setattr(prepare_module.np, "save", fails)
+    folder = tmp_path / "out" / "prep"
+    with pytest.raises(SystemExit) as exit:
+        prepare_module.main(["--config", str(CONFIG), *prepared(corpus, tmp_path / "run", folder)])
+    assert exit.value.code == f"error: {folder}: cannot prepare the data: Invalid argument"
+    assert os.listdir(folder.parent) == []
 
 
 def test_prepare_cleans_and_deduplicates_as_set_and_counts_it(tmp_path):

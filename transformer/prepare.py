@@ -28,6 +28,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import errno
 import gzip
 import hashlib
 import itertools
@@ -53,6 +54,9 @@ from transformer.prepared import (
     settings_difference,
 )
 from transformer.tokenizer import SAMPLE_SEED, Tokenizer, copy_tokenizers, load_or_train_tokenizers, sample_pairs
+
+# The errors of a write that the disk refused, as opposed to a failure of the work itself.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
 
 logger = logging.getLogger(__name__)
 
@@ -495,7 +499,9 @@ def prepare(cfg: Config, workers: int | None = None) -> Path:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):  # e.g. the disk is full: one line naming the folder, nothing left behind
-            raise WriteError(f"{folder}: cannot write the prepared data: {e.strerror or e}") from None
+            if isinstance(e, WriteError) or e.errno in WRITE_ERRNOS:
+                raise WriteError(f"{folder}: cannot write the prepared data: {e.strerror or e}") from None
+            raise WriteError(f"{folder}: cannot prepare the data: {e.strerror or e}") from None
         raise
     logger.info("prepared %s: read %d pairs; dropped %d by the word-count filter, %d by the ratio filter, "
                 "%d duplicates, %d empty, %d longer than %d tokens; kept %d pairs, %d + %d tokens "
