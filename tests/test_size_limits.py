@@ -58,7 +58,8 @@ NOT_SIZES = {
     "train.short_budget_below": "a count of steps", "train.short_budget_max_steps": "a budget",
     "train.short_budget_lr_scale": "a rate", "train.short_budget_dropout": "a probability",
     "train.average_last": "checkpoints are averaged one at a time",
-    "decode.length_penalty": "a weight",
+    "decode.length_penalty": "a weight", "decode.rerank_weight": "a weight",
+    "decode.n_best": "at most decode.beam_size, which is bounded",
 }
 # Commands with numeric options, the arguments each needs besides the one under test, and the
 # numeric options that size no memory.

@@ -28,7 +28,7 @@ from transformer.atomic import check_not_an_input
 from transformer.config import bounded_int
 from transformer.tokenizer import BOS_ID
 from transformer.cli import add_model_arguments, load_for_decoding, model_inputs, prepare
-from transformer.translator import source_ids, translate_ids
+from transformer.translator import TorchEngine, source_ids
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if len(source) > min(args.max_tokens, loaded.config.model.max_len):
             raise ValueError(f"--sentence has {len(source)} pieces with EOS, more than the "
                              f"{min(args.max_tokens, loaded.config.model.max_len)} that can be drawn (--max-tokens)")
-        output_ids = translate_ids(loaded.model, [source], decode.beam_size, decode.length_penalty,
-                                   decode.max_len_a, decode.max_len_b,
-                                   device=device)[0]
+        output_ids = TorchEngine(loaded.model, device=device).search([source], decode)[0][0].tokens
         target = [BOS_ID] + output_ids
         if len(target) > args.max_tokens:
             raise ValueError(f"the translation has {len(target)} pieces with BOS, more than the {args.max_tokens} "

@@ -347,8 +347,9 @@ def resume_changes(saved: Config, requested: Config, step: int) -> list[str]:
 class LoadedModel:
     """A model ready to translate, with the config and tokenizers it was trained with.
 
-    `model` is a `Transformer`, or the int8 copy from `transformer.quantize`, or for exported
-    models decoded by CTranslate2 a `transformer.ctranslate2_engine.CTranslate2Model`.
+    `model` is a `Transformer`, possibly cast to bfloat16 or replaced by its int8 copy from
+    `transformer.quantize`. What decodes it is an engine (`transformer.translator.TorchEngine`);
+    an exported model that another engine decodes is no `LoadedModel` (`transformer.cli.load_engine`).
     """
 
     model: Transformer

@@ -1,4 +1,9 @@
-"""What the commands that load a checkpoint share: their arguments, checks and decode settings."""
+"""What the commands that load a checkpoint share: their arguments, checks, decode settings and engine.
+
+`decode_settings` builds the one `DecodeConfig` of a command, the checkpoint's with the command
+line's options over it; `load_engine` loads the engine that `--engine` names. The commands pass
+both on, whole.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,13 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, LoadedModel, load_model
-from .config import DecodeConfig, bounded_int, finite_float
+from .config import Config, DecodeConfig, bounded_int, finite_float
+from .engine import Engine
 from .quantize import quantize_int8
 from .precision import ProbeShape, choose_precision
-from .rerank import DEFAULT_WEIGHT, ChannelReranker
+from .rerank import ChannelReranker
 from .runtime import PRECISION_DTYPES, resolve_device, tune_process_for
+from .translator import RerankingEngine, TorchEngine
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +31,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, batch_tokens: bool = Tr
     """--checkpoint (several are averaged), --engine, --beam, --alpha, optionally --batch-tokens, --precision, --device."""
     parser.add_argument("--checkpoint", action="extend", nargs="+", required=True, metavar="CKPT",
                         help="checkpoint file; several are averaged (with --engine ctranslate2: the exported folder)")
-    parser.add_argument("--engine", choices=("torch", "ctranslate2"), default="torch",
+    parser.add_argument("--engine", choices=("torch", "ctranslate2"), default=DecodeConfig.engine,
                         help="decode with this package (torch) or with a model exported by transformer-export "
-                             "--format ctranslate2 (default: torch)")
+                             f"--format ctranslate2 (default: {DecodeConfig.engine})")
     parser.add_argument("--beam", type=bounded_int("decode.beam_size"),
                         help="beam size; 1 = greedy (default: the checkpoint's)")
     parser.add_argument("--alpha", type=finite_float, help="length penalty alpha (default: the checkpoint's; with "
@@ -48,7 +55,7 @@ def add_rerank_arguments(parser: argparse.ArgumentParser) -> None:
                              "reranking; several checkpoints are averaged); it must share the vocabulary")
     parser.add_argument("--rerank-weight", type=float,
                         help=f"weight of the reverse model's log-probability per source token "
-                             f"(default: {DEFAULT_WEIGHT})")
+                             f"(default: the checkpoint's, {DecodeConfig.rerank_weight} unless set)")
 
 
 def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
@@ -85,17 +92,51 @@ def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.
 
 
 def decode_settings(decode: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:
-    """The checkpoint's decode settings with the ones given on the command line put over them."""
-    given = {"beam_size": args.beam, "length_penalty": args.alpha, "batch_tokens": getattr(args, "batch_tokens", None),
-             "precision": args.precision}
-    return dataclasses.replace(decode, **{k: v for k, v in given.items() if v is not None})
+    """The checkpoint's decode settings with the ones given on the command line put over them.
+
+    Raises:
+        CheckpointError: settings that do not go together, e.g. a --beam below the checkpoint's
+            decode.n_best.
+    """
+    given = {"engine": args.engine, "beam_size": args.beam, "length_penalty": args.alpha,
+             "batch_tokens": getattr(args, "batch_tokens", None), "precision": args.precision,
+             "use_cache": False if getattr(args, "no_cache", False) else None,
+             "rerank_with": getattr(args, "rerank_with", None), "rerank_weight": getattr(args, "rerank_weight", None)}
+    settings = dataclasses.replace(decode, **{k: v for k, v in given.items() if v is not None})
+    if problems := settings.errors():
+        raise CheckpointError(f"{args.checkpoint[-1]}: its decode settings with the command line's options: "
+                              f"{problems[0]}")
+    return settings
 
 
-def model_inputs(args: argparse.Namespace) -> list[tuple[str, Path]]:
+def model_inputs(args: argparse.Namespace, decode: DecodeConfig | None = None) -> list[tuple[str, Path]]:
     """The files (or exported folder) that `--checkpoint` and `--rerank-with` name, as
-    `atomic.check_not_an_input` takes them: an output must be none of these."""
+    `atomic.check_not_an_input` takes them: an output must be none of these. Given the decode
+    settings, the reranking checkpoints are theirs, which a checkpoint's config may name."""
     inputs = [("the --checkpoint", Path(path)) for path in args.checkpoint]
-    return inputs + [("the --rerank-with checkpoint", Path(path)) for path in getattr(args, "rerank_with", None) or []]
+    rerank_with = getattr(args, "rerank_with", None) if decode is None else decode.rerank_with
+    return inputs + [("the --rerank-with checkpoint", Path(path)) for path in rerank_with or []]
+
+
+def load_engine(args: argparse.Namespace, device: torch.device) -> tuple[Engine, Config, DecodeConfig]:
+    """The engine `--engine` names, loaded from `--checkpoint`, in the decode precision.
+
+    Returns:
+        The engine (reranking when the settings name reverse checkpoints), the config the model
+        was trained with, and the decode settings (`decode_settings`, precision resolved).
+
+    Raises:
+        CheckpointError: a checkpoint or export that is missing, unreadable or not one of this
+            project's, or settings that do not go together.
+    """
+    if args.engine == "ctranslate2":
+        return _load_ctranslate2(args)
+    loaded, decode = load_for_decoding(args, device)
+    reranker = load_reranker(args, loaded, decode, device)
+    parts = (loaded.src_tokenizer, loaded.tgt_tokenizer, loaded.config.model.max_len, device)
+    engine = (TorchEngine(loaded.model, *parts) if reranker is None
+              else RerankingEngine(loaded.model, reranker.model, *parts))
+    return engine, loaded.config, decode
 
 
 def load_for_decoding(args: argparse.Namespace, device: torch.device) -> tuple[LoadedModel, DecodeConfig]:
@@ -108,8 +149,6 @@ def load_for_decoding(args: argparse.Namespace, device: torch.device) -> tuple[L
     Raises:
         CheckpointError: a checkpoint that is missing, unreadable or not one of this project's.
     """
-    if args.engine == "ctranslate2":
-        return _load_ctranslate2(args)
     loaded = load_model(args.checkpoint, device)
     decode = decode_settings(loaded.config.decode, args)
     decode = dataclasses.replace(decode, precision=decode_precision(loaded, decode, device))
@@ -141,19 +180,20 @@ def _in_precision(model: torch.nn.Module, precision: str, device: torch.device) 
 def load_reranker(
     args: argparse.Namespace, loaded: LoadedModel, decode: DecodeConfig, device: torch.device
 ) -> ChannelReranker | None:
-    """The `--rerank-with` model in the decode precision, checked against the forward model; None without it.
+    """The reverse model that `decode.rerank_with` names (`--rerank-with`, or the checkpoint's config),
+    in the decode precision, checked against the forward model, with its weight; None without one.
 
     Raises:
         CheckpointError: an unreadable checkpoint, one whose tokenizers are not the forward model's
             with the sides swapped, one of the wrong languages, or a beam of 1.
     """
-    if getattr(args, "rerank_with", None) is None:
+    if decode.rerank_with is None:
         return None
-    path = args.rerank_with[-1]
+    path = decode.rerank_with[-1]
     if decode.beam_size < 2:
         raise CheckpointError(f"--rerank-with needs a beam of 2 or more; {args.checkpoint[-1]} decodes with beam "
                               f"{decode.beam_size} (give --beam)")
-    reverse = load_model(args.rerank_with, device)
+    reverse = load_model(decode.rerank_with, device)
     forward_data, reverse_data = loaded.config.data, reverse.config.data
     if (reverse_data.src_lang, reverse_data.tgt_lang) != (forward_data.tgt_lang, forward_data.src_lang):
         raise CheckpointError(f"{path} translates {reverse_data.src_lang}->{reverse_data.tgt_lang}; reranking "
@@ -163,17 +203,20 @@ def load_reranker(
             or reverse.tgt_tokenizer.to_bytes() != loaded.src_tokenizer.to_bytes()):
         raise CheckpointError(f"{path}: its vocabulary is not {args.checkpoint[-1]}'s with the sides swapped, so it "
                               "cannot score that model's outputs")
-    weight = DEFAULT_WEIGHT if args.rerank_weight is None else args.rerank_weight
-    return ChannelReranker(_in_precision(reverse.model, decode.precision, device), weight)
+    return ChannelReranker(_in_precision(reverse.model, decode.precision, device), decode.rerank_weight)
 
 
-def _load_ctranslate2(args: argparse.Namespace) -> tuple[LoadedModel, DecodeConfig]:
+def _load_ctranslate2(args: argparse.Namespace) -> tuple[Engine, Config, DecodeConfig]:
     """Load an exported CTranslate2 folder; its length penalty is the export's unless --alpha is given."""
     try:
         from .ctranslate2_engine import load_ctranslate2
     except ImportError:
         raise CheckpointError("--engine ctranslate2 needs the ctranslate2 package: pip install 'transformer[export]'") from None
     model, config, length_penalty = load_ctranslate2(args.checkpoint[-1], args.precision)
-    decode = decode_settings(dataclasses.replace(config.decode, length_penalty=length_penalty), args)
-    decode = dataclasses.replace(decode, precision=args.precision or "as exported")
-    return LoadedModel(model, config, model.tokenizer, model.tokenizer), decode
+    exported = dataclasses.replace(config.decode, engine="ctranslate2", length_penalty=length_penalty,
+                                   length_penalty_form="length")
+    decode = decode_settings(exported, args)
+    if decode.rerank_with is not None:
+        raise CheckpointError(f"{args.checkpoint[-1]}: its config names reranking checkpoints (decode.rerank_with), "
+                              "and reranking needs --engine torch")
+    return model, config, dataclasses.replace(decode, precision=args.precision or "as exported")

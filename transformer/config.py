@@ -135,14 +135,46 @@ class TrainConfig:
 
 @dataclass
 class DecodeConfig:
-    """Beam search settings (paper section 6.1)."""
+    """Decoding settings (paper section 6.1): the one object that carries them from a checkpoint's
+    config, with the decoding commands' options laid over it (`transformer.cli.decode_settings`),
+    to the engine that searches (`transformer.engine`)."""
 
     beam_size: int = 4  # hypotheses kept per sentence; 1 = greedy
-    length_penalty: float = 0.6  # alpha in GNMT's ((5+|Y|)/6)^alpha
+    n_best: int = 1  # candidates an engine returns per sentence, best first (at most beam_size); the commands write the best
+    length_penalty: float = 0.6  # alpha of the length penalty lp(Y) that divides a hypothesis's log-probability
+    length_penalty_form: str = "gnmt"  # lp(Y): "gnmt" ((5+|Y|)/6)^alpha, the torch engine's | "length" |Y|^alpha, CTranslate2's
     max_len_a: float = 1.0  # max output length = a * source length + b
     max_len_b: int = 50  # additive term of the maximum output length
     batch_tokens: int = 8000  # source tokens per decoding batch
+    use_cache: bool = True  # decode incrementally with the key/value cache; false recomputes every prefix (same outputs, slower)
     precision: str = "fp32"  # "fp32" | "bf16" (weights and activations; log-probs stay fp32) | "int8" (CPU) | "auto"
+    engine: str = "torch"  # "torch" (this package's search) | "ctranslate2" (a transformer-export --format ctranslate2 folder); the decoding commands set it from --engine
+    rerank_with: list[str] | None = None  # reverse-direction checkpoints (several are averaged) that rerank the beam's candidates by the noisy-channel score; null = no reranking
+    rerank_weight: float = 0.5  # weight of the reverse model's log-probability per source token in that score
+
+    def errors(self) -> list[str]:
+        """What is out of range or inconsistent, one message per problem; empty when valid."""
+        checks = [
+            (self.engine in ("torch", "ctranslate2"), "decode.engine must be 'torch' or 'ctranslate2'"),
+            (self.beam_size >= 1, "decode.beam_size must be >= 1"),
+            (1 <= self.n_best <= max(self.beam_size, 1),
+             f"decode.n_best must be >= 1 and at most decode.beam_size ({self.beam_size})"),
+            (self.length_penalty >= 0, "decode.length_penalty must be >= 0"),
+            (self.length_penalty_form in ("gnmt", "length"), "decode.length_penalty_form must be 'gnmt' or 'length'"),
+            # Each engine searches with one form, so an alpha meant for the other would be misread.
+            ((self.engine == "ctranslate2") == (self.length_penalty_form == "length"),
+             "decode.length_penalty_form must be 'gnmt' with decode.engine torch and 'length' with ctranslate2"),
+            (self.max_len_a >= 0, "decode.max_len_a must be >= 0"),
+            (self.max_len_b >= 0, "decode.max_len_b must be >= 0"),
+            (self.max_len_a > 0 or self.max_len_b > 0, "decode.max_len_a and decode.max_len_b cannot both be 0"),
+            (self.batch_tokens > 0, "decode.batch_tokens must be > 0"),
+            (self.precision in ("fp32", "bf16", "int8", "auto"),
+             "decode.precision must be 'fp32', 'bf16', 'int8' or 'auto'"),
+            (self.rerank_with is None or (len(self.rerank_with) > 0 and all(self.rerank_with)),
+             "decode.rerank_with must be null or a non-empty list of checkpoint paths"),
+            (self.rerank_weight >= 0, "decode.rerank_weight must be >= 0"),
+        ]
+        return [message for ok, message in checks if not ok]
 
 
 @dataclass
@@ -320,6 +352,10 @@ def _check_type(key: str, value: Any, tp: Any, source: str) -> Any:
     elif base is str:
         if isinstance(value, str):
             return value
+    elif typing.get_origin(base) is list:
+        item = typing.get_args(base)[0]
+        if isinstance(value, list) and all(isinstance(v, item) for v in value):
+            return list(value)
     raise ConfigError(f"{source}: '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
@@ -429,13 +465,7 @@ def _validate(cfg: Config, source: str) -> None:
         (tr.patience >= 0, "train.patience must be >= 0"),
         (tr.max_nonfinite >= 1, "train.max_nonfinite must be >= 1"),
         (tr.average_last >= 1, "train.average_last must be >= 1"),
-        (dec.beam_size >= 1, "decode.beam_size must be >= 1"),
-        (dec.length_penalty >= 0, "decode.length_penalty must be >= 0"),
-        (dec.max_len_a >= 0, "decode.max_len_a must be >= 0"),
-        (dec.max_len_b >= 0, "decode.max_len_b must be >= 0"),
-        (dec.max_len_a > 0 or dec.max_len_b > 0, "decode.max_len_a and decode.max_len_b cannot both be 0"),
-        (dec.batch_tokens > 0, "decode.batch_tokens must be > 0"),
-        (dec.precision in ("fp32", "bf16", "int8", "auto"), "decode.precision must be 'fp32', 'bf16', 'int8' or 'auto'"),
+        *((False, message) for message in dec.errors()),
     ]
     for ok, message in checks:
         if not ok:

@@ -6,8 +6,8 @@ from the padding token, whose embedding is zero), while ours starts from the BOS
 converted model therefore starts from the token `MarianConfig.decoder_start_token_id` names, as
 Hugging Face's `MarianMTModel` does.
 
-`CTranslate2Model.translate_ids` takes and returns our token ids, so `transformer.translator` and
-`transformer-evaluate` run it exactly as they run our model (same tokenization, batching and BLEU).
+`CTranslate2Model` is a `transformer.engine.Engine`: it takes our token ids and returns them, so
+the decoding commands run it exactly as they run our model (same tokenization, batching and BLEU).
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ import transformers
 from ctranslate2.converters import TransformersConverter
 
 from .checkpoint import CheckpointError
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, DecodeConfig, load_config
 from .data import make_batches
+from .engine import Engine
+from .search import Hypothesis
 from .tokenizer import BOS_ID, PAD_ID, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -76,56 +78,78 @@ def convert_marian(hf_dir: Path, output: Path, quantization: str = "float32") ->
     _MarianConverter(str(hf_dir), copy_files=files).convert(str(output), quantization=quantization)
 
 
-class CTranslate2Model:
-    """A converted model behind the interface `transformer.translator` uses: ids in, ids out.
+class CTranslate2Model(Engine):
+    """A converted model as an engine: ids in, n-best lists out, with CTranslate2's beam search.
 
     Args:
         folder: a folder written by `transformer-export --format ctranslate2`.
         compute_type: CTranslate2 compute type ("default": as converted).
         threads: intra-op threads (default: torch's).
+        max_src_len: longest source in tokens, EOS included, for `translate` (see `Engine`).
     """
 
-    def __init__(self, folder: str | Path, compute_type: str = "default", threads: int | None = None) -> None:
+    def __init__(
+        self, folder: str | Path, compute_type: str = "default", threads: int | None = None,
+        max_src_len: int | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.translator = ctranslate2.Translator(
             str(self.folder), device="cpu", compute_type=compute_type,
             inter_threads=1, intra_threads=threads or torch.get_num_threads(),
         )
         self.tokenizer = Tokenizer.load(self.folder / TOKENIZER_FILE)
+        super().__init__(self.tokenizer, self.tokenizer, max_src_len)
         self.pieces = [self.tokenizer.id_to_piece(i) for i in range(self.tokenizer.vocab_size)]
         self.ids = {piece: i for i, piece in enumerate(self.pieces)}
         self.banned = [[self.pieces[PAD_ID]], [self.pieces[BOS_ID]]]  # never generated, as in our search
 
-    def translate_ids(
-        self, sources: Sequence[Sequence[int]], beam_size: int = 4, length_penalty: float = 1.0,
-        max_len_a: float = 1.0, max_len_b: int = 50, batch_tokens: int = 8000,
-    ) -> list[list[int]]:
-        """Translate id sequences (each ending with EOS, as `transformer.translator.source_ids` makes them).
+    def search(self, sources: Sequence[Sequence[int]], settings: DecodeConfig) -> list[list[Hypothesis]]:
+        """See `Engine.search`; scores are CTranslate2's, log p / |Y|^alpha (`length_penalty_form` "length").
 
         Batches are cut as ours are. CTranslate2 takes one length limit per call: it gets the batch's
-        largest, floor(a * S + b) tokens before EOS, and each output is cut to its own sentence's limit.
+        largest, floor(a * S + b) tokens before EOS, and each output is cut to its own sentence's
+        limit (its score stays that of the uncut output). CTranslate2 always decodes with its cache,
+        so `settings.use_cache` changes nothing here.
+        """
+        if settings.length_penalty_form != "length":
+            raise ValueError(f"CTranslate2 takes the length penalty form 'length' (log p / |Y|^alpha), not "
+                             f"{settings.length_penalty_form!r}")
+        found: list[list[Hypothesis]] = [[Hypothesis([], None)] for _ in sources]
+        nonempty = [i for i, ids in enumerate(sources) if ids]
+        lengths = [len(sources[i]) for i in nonempty]
+        for batch in make_batches(lengths, lengths, settings.batch_tokens):
+            rows = [[self.pieces[t] for t in sources[nonempty[j]]] for j in batch]
+            limits = [math.floor(settings.max_len_a * len(row) + settings.max_len_b) for row in rows]
+            results = self.translator.translate_batch(
+                rows, beam_size=settings.beam_size, length_penalty=settings.length_penalty,
+                num_hypotheses=settings.n_best, return_scores=True, max_decoding_length=max(limits) + 1,
+                suppress_sequences=self.banned, max_input_length=0, min_decoding_length=0,
+            )
+            for j, limit, result in zip(batch, limits, results):
+                # Cut at the sentence's own limit, where our search forces EOS.
+                found[nonempty[j]] = [Hypothesis([self.ids[piece] for piece in pieces[:limit]], score)
+                                      for pieces, score in zip(result.hypotheses, result.scores)]
+        return found
+
+    def translate_ids(
+        self, sources: Sequence[Sequence[int]], beam_size: int = DecodeConfig.beam_size,
+        length_penalty: float = DecodeConfig.length_penalty, max_len_a: float = DecodeConfig.max_len_a,
+        max_len_b: int = DecodeConfig.max_len_b, batch_tokens: int = DecodeConfig.batch_tokens,
+    ) -> list[list[int]]:
+        """The best output ids of each source (`search` with these settings).
 
         Args:
+            sources: id sequences, each ending with EOS (as `transformer.engine.source_ids` makes them).
             length_penalty: CTranslate2's: score = log p / length^length_penalty.
             Others: see `transformer.translator.translate_ids`.
 
         Returns:
             Output ids per source, without start token and EOS, in input order.
         """
-        outputs: list[list[int]] = [[] for _ in sources]
-        nonempty = [i for i, ids in enumerate(sources) if ids]
-        lengths = [len(sources[i]) for i in nonempty]
-        for batch in make_batches(lengths, lengths, batch_tokens):
-            rows = [[self.pieces[t] for t in sources[nonempty[j]]] for j in batch]
-            limits = [math.floor(max_len_a * len(row) + max_len_b) for row in rows]
-            results = self.translator.translate_batch(
-                rows, beam_size=beam_size, length_penalty=length_penalty, max_decoding_length=max(limits) + 1,
-                suppress_sequences=self.banned, max_input_length=0, min_decoding_length=0,
-            )
-            for j, limit, result in zip(batch, limits, results):
-                # Cut at the sentence's own limit, where our search forces EOS.
-                outputs[nonempty[j]] = [self.ids[piece] for piece in result.hypotheses[0][:limit]]
-        return outputs
+        settings = DecodeConfig(engine="ctranslate2", beam_size=beam_size, length_penalty=length_penalty,
+                                length_penalty_form="length", max_len_a=max_len_a, max_len_b=max_len_b,
+                                batch_tokens=batch_tokens)
+        return [found[0].tokens for found in self.search(sources, settings)]
 
 
 def load_ctranslate2(folder: str | Path, precision: str | None = None) -> tuple[CTranslate2Model, Config, float]:
@@ -154,7 +178,7 @@ def load_ctranslate2(folder: str | Path, precision: str | None = None) -> tuple[
     length_penalty = _length_penalty(folder / GENERATION_CONFIG)
     compute_type = COMPUTE_TYPES[precision or "auto"]
     try:
-        model = CTranslate2Model(folder, compute_type)
+        model = CTranslate2Model(folder, compute_type, max_src_len=config.model.max_len)
     except (ValueError, RuntimeError) as e:  # e.g. a compute type this CPU lacks, or a damaged model.bin
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{folder}: CTranslate2 cannot load it with compute type {compute_type} ({reason[:200]})") from None

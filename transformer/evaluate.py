@@ -16,21 +16,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
 from sacrebleu.metrics import BLEU, CHRF
 
 from transformer.atomic import check_not_an_input
 from transformer.bleu import FLAVOUR_LABELS, STANDARD_LABEL, tokenized_bleu
 from transformer.checkpoint import CheckpointError
+from transformer.config import DecodeConfig
 from transformer.data import DataError, local_split_files, read_lines, load_split
-from transformer.cli import (
-    add_model_arguments, add_rerank_arguments, load_for_decoding, load_reranker, model_inputs, prepare,
-)
-from transformer.translator import translate
+from transformer.cli import add_model_arguments, add_rerank_arguments, load_engine, model_inputs, prepare
+from transformer.engine import best
 
 if TYPE_CHECKING:
-    from transformer.checkpoint import LoadedModel
-    from transformer.rerank import ChannelReranker
+    from transformer.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -39,24 +36,18 @@ TOKENIZERS = ("13a", "intl", "none", "zh", "char")
 
 
 def evaluate(
-    loaded: LoadedModel, src_texts: Sequence[str], ref_texts: Sequence[str], beam_size: int = 4,
-    length_penalty: float = 0.6, max_len_a: float = 1.0, max_len_b: int = 50, batch_tokens: int = 8000,
-    tokenize: str = "13a", lowercase: bool = False, device: torch.device | str | None = None,
-    use_cache: bool = True, reranker: ChannelReranker | None = None,
+    engine: Engine, src_texts: Sequence[str], ref_texts: Sequence[str], settings: DecodeConfig | None = None,
+    tokenize: str = "13a", lowercase: bool = False,
 ) -> dict[str, Any]:
     """Translate `src_texts` and score the translations against `ref_texts`.
 
     Args:
-        loaded: model and tokenizers, e.g. from `transformer.checkpoint.load_model` (only its
-            `model`, `src_tokenizer`, `tgt_tokenizer` and `config.model.max_len` are used).
+        engine: what translates, e.g. `transformer.translator.TorchEngine` or `transformer.cli.load_engine`'s.
         src_texts: source sentences.
         ref_texts: one reference translation per source sentence.
-        beam_size, length_penalty, max_len_a, max_len_b, batch_tokens, device: see
-            `transformer.translator.translate`.
+        settings: the decode settings (None: the defaults); the best of each n-best list is scored.
         tokenize: sacreBLEU tokenizer for BLEU (one of `TOKENIZERS`).
         lowercase: case-insensitive scores.
-        use_cache: decode with the key/value cache (False: recompute every prefix, same output).
-        reranker: rescore the beam's candidates with a reverse model (`transformer.rerank`).
 
     Returns:
         {"bleu", "chrf": corpus scores; "signatures": {"bleu", "chrf"}: sacreBLEU signatures;
@@ -70,12 +61,9 @@ def evaluate(
         raise DataError(f"{len(src_texts)} source sentences but {len(ref_texts)} references")
     if not src_texts:  # sacreBLEU fails on an empty corpus with an IndexError
         raise DataError("no sentences to evaluate")
+    settings = DecodeConfig() if settings is None else settings
     start = time.perf_counter()
-    hypotheses = translate(
-        loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, src_texts, beam_size, length_penalty,
-        max_len_a, max_len_b, batch_tokens, device, max_src_len=loaded.config.model.max_len, use_cache=use_cache,
-        reranker=reranker,
-    )
+    hypotheses = best(engine.translate(src_texts, settings))
     seconds = time.perf_counter() - start
     bleu, chrf = BLEU(tokenize=tokenize, lowercase=lowercase), CHRF(lowercase=lowercase)
     bleu_score = bleu.corpus_score(hypotheses, [list(ref_texts)])
@@ -86,7 +74,7 @@ def evaluate(
         "signatures": {"bleu": str(bleu.get_signature()), "chrf": str(chrf.get_signature())},
         "bleu_details": str(bleu_score),
         "n_sentences": len(src_texts),
-        "beam": beam_size,
+        "beam": settings.beam_size,
         "seconds": seconds,
         "sentences_per_second": len(src_texts) / seconds if seconds > 0 else 0.0,
         "hypotheses": hypotheses,
@@ -129,32 +117,29 @@ def main(argv: Sequence[str] | None = None) -> None:
         data_files = [("the --src file", args.src), ("the --ref file", args.ref)] if args.src is not None else []
         if args.output is not None:  # refused before anything is loaded; the split's files are checked below
             check_not_an_input("--output", args.output, model_inputs(args) + data_files)
-        loaded, decode = load_for_decoding(args, device)
-        reranker = load_reranker(args, loaded, decode, device)
+        engine, config, decode = load_engine(args, device)
         if args.src is not None:
             src_texts, ref_texts, name = read_lines(args.src), read_lines(args.ref), args.src.name
         else:
-            src_texts, ref_texts = load_split(loaded.config.data, args.split)
+            src_texts, ref_texts = load_split(config.data, args.split)
             name = args.split
             data_files = [(f"a file of the {args.split} split", path)
-                          for path in local_split_files(loaded.config.data, [args.split])]
+                          for path in local_split_files(config.data, [args.split])]
         output = args.output or Path(args.checkpoint[-1]).parent / f"hyp.{name}.txt"
         check_not_an_input("--output" if args.output else "the hypothesis file (--output)", output,
-                           model_inputs(args) + data_files)
+                           model_inputs(args, decode) + data_files)
         if not src_texts:
-            data = loaded.config.data
+            data = config.data
             origin = data.local_dir if data.local_dir and Path(data.local_dir).is_dir() else data.hub_name
             where = args.src if args.src is not None else f"the {args.split} split of {origin}"
             raise DataError(f"{where}: no sentences to evaluate")
-        result = evaluate(loaded, src_texts, ref_texts, decode.beam_size, decode.length_penalty, decode.max_len_a,
-                          decode.max_len_b, decode.batch_tokens, args.tokenize, args.lowercase, device,
-                          use_cache=not args.no_cache, reranker=reranker)
+        result = evaluate(engine, src_texts, ref_texts, decode, args.tokenize, args.lowercase)
         result["precision"] = decode.precision
-        if reranker is not None:
-            result["rerank_weight"] = reranker.weight
+        if decode.rerank_with is not None:
+            result["rerank_weight"] = decode.rerank_weight
         if args.bleu != "sacrebleu":
             result[f"{args.bleu}_bleu"], result[f"{args.bleu}_bleu_details"] = tokenized_bleu(
-                result["hypotheses"], ref_texts, loaded.config.data.tgt_lang, args.bleu)
+                result["hypotheses"], ref_texts, config.data.tgt_lang, args.bleu)
         output.write_text("".join(h + "\n" for h in result.pop("hypotheses")), encoding="utf-8")
     except (CheckpointError, DataError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -167,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.bleu != "sacrebleu":
             print(f"{FLAVOUR_LABELS[args.bleu]}: {result[f'{args.bleu}_bleu_details']}")
         print(f"chrF2 = {result['chrf']:.2f}\n  {result['signatures']['chrf']}")
-        reranked = f", reranked (weight {reranker.weight:g})" if reranker is not None else ""
+        reranked = f", reranked (weight {decode.rerank_weight:g})" if decode.rerank_with is not None else ""
         print(f"{result['n_sentences']} sentences, beam {result['beam']}{reranked}, {result['precision']}, "
               f"{result['seconds']:.1f} s "
               f"({result['sentences_per_second']:.1f} sentences/s)")

@@ -24,15 +24,13 @@ from typing import Sequence
 
 import torch
 
+from transformer.config import DecodeConfig
 from transformer.data import ParallelData, collate, make_batches
 from transformer.model import Transformer
 from transformer.search import Hypothesis, position_limit
 from transformer.tokenizer import EOS_ID, PAD_ID
 
 logger = logging.getLogger(__name__)
-
-# Chosen on Multi30k validation BLEU in both directions (docs/results.md); 0.2 to 1.0 all gained there.
-DEFAULT_WEIGHT = 0.5
 
 
 @dataclass
@@ -54,7 +52,8 @@ class ChannelReranker:
 
 @torch.inference_mode()
 def channel_log_probs(
-    model: Transformer, sources: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]], batch_tokens: int = 8000,
+    model: Transformer, sources: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]],
+    batch_tokens: int = DecodeConfig.batch_tokens,
 ) -> list[float]:
     """log p(source | output) under a reverse model, for each (source, output) pair.
 
@@ -90,9 +89,22 @@ def channel_log_probs(
 
 def rerank(
     reranker: ChannelReranker, sources: Sequence[Sequence[int]], candidates: Sequence[Sequence[Hypothesis]],
-    batch_tokens: int = 8000,
+    batch_tokens: int = DecodeConfig.batch_tokens,
 ) -> list[list[int]]:
-    """The best candidate of each source by the noisy-channel score (see the module docstring).
+    """The best candidate of each source by the noisy-channel score: the first of `rerank_candidates`.
+
+    Returns:
+        The chosen output ids per source; [] for a source with no candidate.
+    """
+    return [list(ranked[0].tokens) if ranked else [] for ranked in
+            rerank_candidates(reranker, sources, candidates, batch_tokens)]
+
+
+def rerank_candidates(
+    reranker: ChannelReranker, sources: Sequence[Sequence[int]], candidates: Sequence[Sequence[Hypothesis]],
+    batch_tokens: int = DecodeConfig.batch_tokens,
+) -> list[list[Hypothesis]]:
+    """Each source's candidates ranked by the noisy-channel score (see the module docstring).
 
     Args:
         reranker: the reverse model and its weight.
@@ -101,9 +113,9 @@ def rerank(
         batch_tokens: padded tokens per side per batch of the reverse model.
 
     Returns:
-        The chosen output ids per source. A source with no candidate gets []; one whose source or a
-        candidate is longer than the reverse model's learned positions keeps the beam's best, with
-        a warning.
+        Per source, its candidates sorted by the noisy-channel score, best first (the beam's order
+        among equal scores), each with that score. A source whose source or a candidate is longer
+        than the reverse model's learned positions keeps the beam's order and scores, with a warning.
     """
     limit = position_limit(reranker.model)
 
@@ -129,10 +141,12 @@ def rerank(
     pairs = [(i, k) for i in scored for k in range(len(candidates[i]))]
     channel = channel_log_probs(reranker.model, [sources[i] for i, _ in pairs],
                                 [candidates[i][k].tokens for i, k in pairs], batch_tokens)
-    best: list[list[int]] = [list(hypotheses[0].tokens) if hypotheses else [] for hypotheses in candidates]
-    best_score: dict[int, float] = {}
+    ranked: list[list[Hypothesis]] = [list(hypotheses) for hypotheses in candidates]
+    for i in scored:
+        ranked[i] = []
     for (i, k), log_p in zip(pairs, channel):
         score = candidates[i][k].score + reranker.weight * log_p / len(sources[i])
-        if i not in best_score or score > best_score[i]:
-            best_score[i], best[i] = score, list(candidates[i][k].tokens)
-    return best
+        ranked[i].append(Hypothesis(list(candidates[i][k].tokens), score))
+    for i in scored:
+        ranked[i].sort(key=lambda h: -h.score)  # stable: among equal scores the beam's order
+    return ranked

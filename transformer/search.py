@@ -25,20 +25,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from transformer.config import DecodeConfig
 from transformer.model import DecoderCache, LearnedPositionalEmbedding, Transformer
 
 
 @dataclass
 class Hypothesis:
-    """One finished beam-search output.
+    """One finished search output.
 
     Attributes:
         tokens: target ids without BOS and EOS.
-        score: length-normalised log-probability, sum(log p) / lp(|Y|) (see `length_penalty`).
+        score: from `beam_search`, the length-normalised log-probability sum(log p) / lp(|Y|) (see
+            `length_penalty_factor`); None from greedy search, which ranks raw logits and so
+            computes no probability.
     """
 
     tokens: list[int]
-    score: float
+    score: float | None
 
 
 def length_penalty_factor(length: Tensor | float, alpha: float) -> Tensor | float:
@@ -181,8 +184,8 @@ def _best_next_tokens(
 
 @torch.inference_mode()
 def greedy_search(
-    model: Transformer, src: Tensor, max_len_a: float = 1.0, max_len_b: int = 50, bos_id: int = 2,
-    eos_id: int = 3, use_cache: bool = True,
+    model: Transformer, src: Tensor, max_len_a: float = DecodeConfig.max_len_a, max_len_b: int = DecodeConfig.max_len_b,
+    bos_id: int = 2, eos_id: int = 3, use_cache: bool = DecodeConfig.use_cache,
 ) -> list[list[int]]:
     """Pick the most probable next token at every step until EOS or the maximum length.
 
@@ -229,8 +232,10 @@ def greedy_search(
 
 @torch.inference_mode()
 def beam_search(
-    model: Transformer, src: Tensor, beam_size: int = 4, length_penalty: float = 0.6, max_len_a: float = 1.0,
-    max_len_b: int = 50, n_best: int = 1, bos_id: int = 2, eos_id: int = 3, use_cache: bool = True,
+    model: Transformer, src: Tensor, beam_size: int = DecodeConfig.beam_size,
+    length_penalty: float = DecodeConfig.length_penalty, max_len_a: float = DecodeConfig.max_len_a,
+    max_len_b: int = DecodeConfig.max_len_b, n_best: int = DecodeConfig.n_best, bos_id: int = 2, eos_id: int = 3,
+    use_cache: bool = DecodeConfig.use_cache,
 ) -> list[list[Hypothesis]]:
     """Batched beam search with GNMT length normalisation.
 

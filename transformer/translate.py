@@ -22,10 +22,9 @@ from typing import BinaryIO, Iterator, Sequence
 
 from transformer.atomic import check_not_an_input
 from transformer.checkpoint import CheckpointError
-from transformer.cli import (
-    add_model_arguments, add_rerank_arguments, load_for_decoding, load_reranker, model_inputs, prepare,
-)
-from transformer.translator import translate
+from transformer.cli import add_model_arguments, add_rerank_arguments, load_engine, model_inputs, prepare
+from transformer.config import DecodeConfig
+from transformer.engine import Engine, best
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +65,11 @@ def read_chunks(stream: BinaryIO, name: str, size: int) -> Iterator[list[str]]:
         yield texts
 
 
+def translate(engine: Engine, sentences: Sequence[str], settings: DecodeConfig, first_line: int = 1) -> list[str]:
+    """The best translation of each sentence, in input order; `first_line` numbers `sentences[0]` in warnings."""
+    return best(engine.translate(sentences, settings, first_line))
+
+
 def _descriptor(stream: object) -> int:
     """The file descriptor of a standard stream; -1 where it has none (replaced by an in-memory one)."""
     try:
@@ -94,8 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         check_not_an_input("standard output", _descriptor(sys.stdout), model_inputs(args) + (
             [("the --input file", args.input)] if args.input is not None else [("standard input", _descriptor(sys.stdin))]))
-        loaded, decode = load_for_decoding(args, device)
-        reranker = load_reranker(args, loaded, decode, device)
+        engine, _, decode = load_engine(args, device)
         if args.input is None:
             stream, name, interactive = sys.stdin.buffer, "<stdin>", sys.stdin.isatty()
         else:
@@ -103,11 +106,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         with stream:
             first_line = 1
             for texts in read_chunks(stream, name, 1 if interactive else CHUNK_LINES):
-                outputs = translate(
-                    loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, texts, decode.beam_size,
-                    decode.length_penalty, decode.max_len_a, decode.max_len_b, decode.batch_tokens, device,
-                    max_src_len=loaded.config.model.max_len, first_line=first_line, reranker=reranker,
-                )
+                outputs = translate(engine, texts, decode, first_line)
                 sys.stdout.buffer.write("".join(out + "\n" for out in outputs).encode("utf-8"))
                 sys.stdout.buffer.flush()
                 first_line += len(texts)
