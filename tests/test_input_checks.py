@@ -3,6 +3,8 @@ result or a traceback: checkpoints of another language pair, non-finite weights,
 exported files with values out of range, tensors of the wrong shape, an empty test set."""
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,6 +125,18 @@ def test_a_tensor_of_the_wrong_shape_is_named_with_both_shapes(tiny_run, tmp_pat
         evaluate.main(["--checkpoint", str(tmp_path / "missing.safetensors"), "--device", "cpu"])
     one_line_error(exit, "missing.safetensors", WEIGHT)
     assert not (tmp_path / "hyp.txt").exists()
+
+
+def test_a_small_file_whose_config_asks_for_a_huge_model_is_refused_before_the_model_is_built(tiny_run, tmp_path):
+    """Each size within its limit, together about 30 GB of parameters: refused by the shapes of the
+    file's own small tensors, in a process that could not allocate such a model."""
+    path = variant(tiny_run / "checkpoints" / "step_1.pt", tmp_path / "huge.pt",
+                   lambda state: state["config"]["model"].update(d_model=16384, d_ff=65536))
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
+              "from transformer.checkpoint import CheckpointError, load_model\n"
+              "try:\n    load_model([sys.argv[1]])\nexcept CheckpointError as e:\n    sys.exit(f'refused: {e}')")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("refused: ") and "has shape" in done.stderr, done.stderr[-500:]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

@@ -98,11 +98,13 @@ def test_the_answer_is_cached_per_cpu_torch_version_threads_and_shape(cache_file
     assert not measured_again()
     assert bf16_speedup(ProbeShape.of(512, 2048, 8000, 2000, training=True), probe)[2] is False  # another shape
     assert bf16_speedup(ProbeShape.of(256, 1024, 8000, 2000, training=False), probe)[2] is False  # decoding
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an emulated older CPU is another CPU
+    assert measured_again()
     monkeypatch.setattr(precision, "cpu_identity", lambda: "another CPU")
     assert measured_again()
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert measured_again()
-    assert len(json.loads(cache_file.read_text())) == 6
+    assert len(json.loads(cache_file.read_text())) == 7
 
 
 def test_the_cache_can_be_turned_off_and_a_damaged_one_is_measured_over(cache_file, monkeypatch):
