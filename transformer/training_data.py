@@ -1,0 +1,85 @@
+"""The data a run trains on: its tokenizers and encoded splits, and the fingerprint of its training
+split that a resumed run compares with the data it finds.
+
+This module imports nothing from the training loop (`transformer.train`), which builds on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import checkpoint_tokenizers
+from .config import Config
+from .data import DataError, ParallelData, encode_pairs, load_split
+from .prepare import Corpus, corpus_change, ensure_prepared
+from .prepared import PreparedData
+from .tokenizer import Tokenizer, load_or_train_tokenizers, sample_pairs
+
+log = logging.getLogger(__name__)
+
+
+def prepare_data(cfg: Config, run_dir: Path, resume_state: dict | None) -> tuple[Tokenizer, Tokenizer, ParallelData | PreparedData, tuple[list[str], list[str]], ParallelData]:
+    """Get the tokenizers and the encoded training pairs (memory-mapped from data.prepared_dir, which
+    is prepared first if needed, or encoded in memory), and load and encode the validation split."""
+    if cfg.data.prepared_dir is not None:
+        train, tokenizers = ensure_prepared(cfg)
+        src_tok, tgt_tok = tokenizers[cfg.data.src_lang], tokenizers[cfg.data.tgt_lang]
+        if resume_state is not None:
+            saved = checkpoint_tokenizers(resume_state, cfg.tokenizer.joint, run_dir)
+            if [t.to_bytes() for t in saved] != [src_tok.to_bytes(), tgt_tok.to_bytes()]:
+                raise DataError(f"{cfg.data.prepared_dir}: its tokenizer is not the one the run was trained with "
+                                "(the folder was prepared again with other data or settings)")
+    else:
+        train_src, train_tgt = load_split(cfg.data, "train")
+        if resume_state is not None:
+            # A resumed run must keep its vocabulary, even if the tokenizer cache was cleared.
+            src_tok, tgt_tok = checkpoint_tokenizers(resume_state, cfg.tokenizer.joint, run_dir)
+        else:
+            src_tok, tgt_tok = load_or_train_tokenizers(cfg.tokenizer, *sample_pairs([(train_src, train_tgt)], cfg.tokenizer.sample_size),
+                                                        cfg.data.src_lang, cfg.data.tgt_lang)
+        train = encode_pairs(train_src, train_tgt, src_tok, tgt_tok, cfg.data.max_len)
+    valid_src, valid_tgt = load_split(cfg.data, "valid")
+    valid = encode_pairs(valid_src, valid_tgt, src_tok, tgt_tok, cfg.data.max_len, drop=False)
+    return src_tok, tgt_tok, train, (valid_src, valid_tgt), valid
+
+
+def training_data_fingerprint(cfg: Config) -> list[dict[str, Any]] | None:
+    """What identifies the training split: each file's path, size, modification time and SHA-256, or
+    the hub dataset's fingerprint (see `prepare.Corpus`). None, with a warning, where the corpus
+    cannot be read (prepared data copied to a machine without it)."""
+    try:
+        return Corpus(cfg.data).fingerprint(with_content=True)
+    except DataError as e:
+        log.warning("cannot fingerprint the training corpus (%s): a resumed run cannot check that it is unchanged", e)
+        return None
+
+
+def resumed_data_fingerprint(
+    cfg: Config, state: dict[str, Any], path: Path, accept_change: bool
+) -> list[dict[str, Any]] | None:
+    """Check that the training data is the data the run was started on, before any work; return the
+    fingerprint the resumed run records (None: to be taken once the data is loaded).
+
+    Raises:
+        DataError: the data changed and `accept_change` is false.
+    """
+    recorded = state.get("data_fingerprint")
+    if recorded is None:
+        log.warning("%s records no fingerprint of its training data: cannot check that it is unchanged", path)
+        return None
+    try:
+        current = Corpus(cfg.data).fingerprint(with_content=False)
+    except DataError:
+        if cfg.data.prepared_dir is None:
+            raise
+        return recorded  # the corpus is not on this machine: the prepared folder's own checks are left
+    change = corpus_change(recorded, current)
+    if change is None:
+        return recorded
+    if not accept_change:
+        raise DataError(f"{change} since the run started (the fingerprint in {path} differs): resuming would train "
+                        "on other data. Put the data back, or pass --accept-data-change to train on it as it is now")
+    log.warning("%s since the run started; training on it as it is now (--accept-data-change)", change)
+    return Corpus(cfg.data).fingerprint(with_content=True)
