@@ -257,7 +257,13 @@ def test_resume_on_changed_training_data_is_refused_before_any_work_unless_accep
     assert not loads  # no data loaded or prepared, no tokenizer trained
     assert {"run": snapshot(run_dir), "prepared": snapshot(folder)} == before
     if prepared:
-        return  # a folder prepared again trains another tokenizer, which a resumed run cannot take
+        # A folder prepared again would train another tokenizer, which a resumed run cannot take:
+        # accepting the change is refused before any work as well.
+        with pytest.raises(SystemExit) as exit:
+            main(args(6, "--resume", "--accept-data-change"))
+        one_line_error(exit, "changed since the run started", "new tokenizer", "start a new run")
+        assert not loads and {"run": snapshot(run_dir), "prepared": snapshot(folder)} == before
+        return
 
     with caplog.at_level(logging.WARNING):
         main(args(6, "--resume", "--accept-data-change"))

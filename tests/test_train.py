@@ -321,6 +321,21 @@ def test_train_gives_back_the_signal_handlers_it_installed(corpus, tmp_path):
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
+def test_a_signal_to_one_rank_stops_every_rank_as_a_signalled_run(corpus, tmp_path):
+    """Rank 1 alone gets SIGTERM after step 3: both ranks save step 3, neither writes final.pt (the
+    run is to be resumed, not finished), and both exit as a signalled process does."""
+    run_dir = tmp_path / "run"
+    changes = {"train_max_steps": 10, "train_eval_every": 1000, "train_save_every": 1000,
+               "train_eval_bleu_sentences": 0, "train_keep_last": 2, "train_average_last": 1}
+    done = run_module("torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                      f"--master_port={free_port()}", str(ROOT / "tests" / "ddp_signal_worker.py"),
+                      "--config", str(CONFIG), *overrides(corpus, run_dir, **changes))
+    assert done.returncode != 0  # torchrun reports the ranks' exit with 128 + SIGTERM
+    assert [p.name for p in run_checkpoints(run_dir)] == ["step_00000003.pt"]
+    assert not (run_dir / "checkpoints" / "final.pt").exists()
+    assert "exitcode  : 143" in done.stderr or "exitcode: 143" in done.stderr, done.stderr[-3000:]
+
+
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(corpus, tmp_path):
     # Dropout off: every rank seeds the same generator, so two ranks draw the same masks where one
     # process draws two different ones in sequence; with dropout the runs differ by design.

@@ -78,6 +78,7 @@ class StopRequested:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.elsewhere = False  # another rank was signalled: this one stops as if it had been too
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequested":
@@ -91,6 +92,12 @@ class StopRequested:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
+
+    @property
+    def exit_signal(self) -> int | None:
+        """The signal the process exits with (128 + its number): its own, SIGTERM for one that another
+        rank received, or None when no rank was signalled."""
+        return self.signal if self.signal is not None else (signal.SIGTERM if self.elsewhere else None)
 
     @property
     def reason(self) -> str:

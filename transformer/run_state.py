@@ -149,15 +149,22 @@ def close_finished(run: Run, run_log: RunLog | None, done: str) -> Path:
     """A resumed run that had finished: write the average it lacks, or say that there is nothing to do."""
     step, run_dir = run.resume_state["step"], run.run_dir
     if final_of_step(run_dir / "checkpoints" / "final.pt", step):
-        log.info("%s finished at step %d (%s); nothing to do. Raise train.max_steps (or the limit reached) "
-                 "to train on", run_dir, step, done)
+        steps = "train.short_budget_max_steps" if run.tc.short_budget == "on" else "train.max_steps"
+        log.info("%s finished at step %d (%s); nothing to do. Raise %s (or the limit reached) to train on", run_dir,
+                 step, done, steps)
     elif run.is_main:  # stopped between its last checkpoint and final.pt (absent, or left from a smaller budget)
         claim_run_folder(run_dir, run_log, run.skipped)
-        plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        plot_curves(run_dir)
         final = write_final(run_dir, run.tc.average_last)
         log.info("%s had finished at step %d (%s) without its average: wrote %s", run_dir, step, done, final)
     run.ranks.close()
     return run_dir
+
+
+def plot_curves(run_dir: Path) -> None:
+    """curves.png from metrics.jsonl, which a run stopped before its first log line has not written."""
+    if (run_dir / "metrics.jsonl").exists():
+        plot_metrics(run_dir / "metrics.jsonl", run_dir / "curves.png")
 
 
 def finish(run: Run, reason: str, signal: int | None) -> Path:
@@ -166,7 +173,7 @@ def finish(run: Run, reason: str, signal: int | None) -> Path:
     run.progress.close()
     log.info("stopped after step %d (%s), %.1f minutes of training", run.position.step, reason, run.position.elapsed / 60)
     if run.is_main:
-        plot_metrics(run.run_dir / "metrics.jsonl", run.run_dir / "curves.png")
+        plot_curves(run.run_dir)
         if signal is None:
             final = write_final(run.run_dir, run.tc.average_last)
             log.info("wrote %s (average of the last %d checkpoints)", final, run.tc.average_last)

@@ -148,9 +148,10 @@ def seconds_per_step(
     cfg: Config, device: torch.device, data: ParallelData | PreparedData, batches: list, src_vocab: int, tgt_vocab: int,
     steps: int = TIMED_STEPS,
 ) -> float:
-    """The median seconds of a training step (batch, forward, backward, Adam) of a throwaway model
-    of `cfg` on the first of `batches`, after two untimed steps. The random state is restored, so
-    the run that follows is the one it would be without this."""
+    """The median seconds of a training step (`train.accumulate` batches, forward, backward, Adam)
+    of a throwaway model of `cfg` on the first of `batches`, after two untimed steps. The random
+    state is restored, so the run that follows is the one it would be without this. One process
+    times itself: under torchrun the gradient all-reduce is left out, so the figure is a lower bound."""
     tc = cfg.train
     times = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -158,12 +159,13 @@ def seconds_per_step(
         loss_fn = TranslationLoss(model, tc.label_smoothing)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(tc.adam_beta1, tc.adam_beta2),
                                       eps=tc.adam_eps, fused=True)
-        for indices in batches[:steps + 2]:
+        for first in range(0, min(len(batches), (steps + 2) * tc.accumulate), tc.accumulate):
             start = time.perf_counter()
-            batch = collate(indices, data).to(device)
-            with autocast(tc.precision, device):
-                loss = loss_fn(batch.src, batch.tgt_in, batch.tgt_out, batch.src_index, batch.tgt_index)
-            loss.backward()
+            for indices in batches[first:first + tc.accumulate]:
+                batch = collate(indices, data).to(device)
+                with autocast(tc.precision, device):
+                    loss = loss_fn(batch.src, batch.tgt_in, batch.tgt_out, batch.src_index, batch.tgt_index)
+                loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss.item()  # waits for a GPU's queue

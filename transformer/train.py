@@ -236,6 +236,7 @@ def after_step(run: Run, stop: StopRequested) -> str | None:
     if signalled:
         # A scheduler's grace period before its SIGKILL may be short: the checkpoint is
         # written at once, and the validation due here is left to the resumed run.
+        stop.elsewhere = stop.signal is None
         should_stop, position.validation_due, reason = True, validation_due, stop.reason
     elif validation_due:
         validate_and_keep_best(run)
@@ -251,10 +252,14 @@ def validate_put_off(run: Run, stop: StopRequested) -> str | None:
     run.position.validation_due = False
     validate_and_keep_best(run)
     limit = stop_reason(run.tc, run.position, len(run.epoch_batches))
-    if limit is None and stop.signal is None:
+    # Decided with the other ranks, since saving is collective.
+    should_stop, signalled = (bool(flag) for flag in run.ranks.reduce_host(
+        [float(limit is not None), float(stop.signal is not None)], dist.ReduceOp.MAX))
+    if not (should_stop or signalled):
         return None
+    stop.elsewhere = signalled and stop.signal is None
     run.save()
-    return limit or "step limit"
+    return stop.reason if signalled else limit or "step limit"
 
 
 def train_loop(run: Run, stop: StopRequested) -> str:
@@ -312,7 +317,7 @@ def _train(
     build_run(run, run_log)
     with StopRequested() as stop:
         reason = train_loop(run, stop)
-    return finish(run, reason, stop.signal)
+    return finish(run, reason, stop.exit_signal)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

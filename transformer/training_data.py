@@ -81,5 +81,10 @@ def resumed_data_fingerprint(
     if not accept_change:
         raise DataError(f"{change} since the run started (the fingerprint in {path} differs): resuming would train "
                         "on other data. Put the data back, or pass --accept-data-change to train on it as it is now")
+    if cfg.data.prepared_dir is not None:
+        # Preparing the changed corpus trains a new tokenizer, which the run's model cannot use.
+        raise DataError(f"{change} since the run started (the fingerprint in {path} differs), and with "
+                        "data.prepared_dir it would be prepared with a new tokenizer, which the run cannot resume "
+                        "with: put the data back, or start a new run")
     log.warning("%s since the run started; training on it as it is now (--accept-data-change)", change)
     return Corpus(cfg.data).fingerprint(with_content=True)
