@@ -376,3 +376,14 @@ def test_an_error_during_writing_leaves_no_folder(run, tmp_path, monkeypatch):
         export.main(["--checkpoint", str(run["ckpt"]), "--format", "hf", "--output", str(tmp_path / "out")])
     one_line_error(exit, "disk full")
     assert os.listdir(tmp_path) == []
+
+
+def test_ctranslate2_outputs_stop_where_the_exports_position_table_ends(tiny_ctranslate2):
+    """A length limit a * S + b past the export's positions (model.max_len) would make CTranslate2
+    fail; the output is cut at max_len - 1 tokens instead."""
+    from transformer.ctranslate2_engine import load_ctranslate2
+
+    model, config, _ = load_ctranslate2(tiny_ctranslate2, None)
+    settings = DecodeConfig(beam_size=2, max_len_a=1.0, max_len_b=200, length_penalty_form="length")
+    (best, *_), = model.search([[5] * 20], settings)
+    assert 0 < len(best.tokens) <= config.model.max_len - 1

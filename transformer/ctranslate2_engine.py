@@ -107,8 +107,8 @@ class CTranslate2Model(Engine):
         """See `Engine.search`; scores are CTranslate2's, log p / |Y|^alpha (`length_penalty_form` "length").
 
         Batches are cut as ours are. CTranslate2 takes one length limit per call: it gets the batch's
-        largest, floor(a * S + b) tokens before EOS, and each output is cut to its own sentence's
-        limit (its score stays that of the uncut output). CTranslate2 always decodes with its cache,
+        largest, floor(a * S + b) tokens before EOS (at most the export's positions minus one), and
+        each output is cut to its own sentence's limit (its score stays that of the uncut output). CTranslate2 always decodes with its cache,
         so `settings.use_cache` changes nothing here.
         """
         if settings.length_penalty_form != "length":
@@ -120,6 +120,10 @@ class CTranslate2Model(Engine):
         for batch in make_batches(lengths, lengths, settings.batch_tokens):
             rows = [[self.pieces[t] for t in sources[nonempty[j]]] for j in batch]
             limits = [math.floor(settings.max_len_a * len(row) + settings.max_len_b) for row in rows]
+            if self.max_src_len is not None:
+                # The export's position table ends there, and CTranslate2 fails past it (BOS takes
+                # position 0, so at most max_len - 1 tokens follow).
+                limits = [min(limit, self.max_src_len - 1) for limit in limits]
             results = self.translator.translate_batch(
                 rows, beam_size=settings.beam_size, length_penalty=settings.length_penalty,
                 num_hypotheses=settings.n_best, return_scores=True, max_decoding_length=max(limits) + 1,
