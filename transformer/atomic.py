@@ -189,7 +189,7 @@ def _staging_prefix(target: Path, kind: str) -> str:
 
 
 def staging_folder(target: str | Path, kind: str = "tmp") -> Path:
-    """Create an empty folder beside `target` to build it in, named `.NAME.KIND-HOST-PID-XXXXXXXX`.
+    """Create an empty folder beside `target` to build it in, named `.NAME.KIND-HOST-PID-RANDOM`.
 
     The host and the process id in the name let :func:`remove_stale_staging_folders` tell the folder
     of a killed process from one still being written.
