@@ -161,11 +161,9 @@ def seconds_per_step(
                                       eps=tc.adam_eps, fused=True)
         for first in range(0, min(len(batches), (steps + 2) * tc.accumulate), tc.accumulate):
             start = time.perf_counter()
-            for indices in batches[first:first + tc.accumulate]:
-                batch = collate(indices, data).to(device)
-                with autocast(tc.precision, device):
-                    loss = loss_fn(batch.src, batch.tgt_in, batch.tgt_out, batch.src_index, batch.tgt_index)
-                loss.backward()
+            step_batches = [collate(indices, data).to(device) for indices in batches[first:first + tc.accumulate]]
+            loss = backward(loss_fn, step_batches, sum(b.n_tgt_tokens for b in step_batches), None, tc.precision,
+                            device, 1)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss.item()  # waits for a GPU's queue
