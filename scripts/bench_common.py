@@ -15,11 +15,11 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 from transformer.config import Config
-from transformer.data import Batch, collate, encode_pairs, load_split, make_batches
+from transformer.data.batches import Batch, collate, encode_pairs, load_split, make_batches
+from transformer.data.tokenizer import PAD_ID, Tokenizer, load_or_train_tokenizers
+from transformer.decoding.translator import source_ids
 from transformer.precision import BF16_MIN_SPEEDUP, ProbeShape, bf16_speedup
 from transformer.runtime import has_native_bf16
-from transformer.tokenizer import PAD_ID, Tokenizer, load_or_train_tokenizers
-from transformer.translator import source_ids
 
 _START = time.perf_counter()
 

@@ -13,18 +13,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from bench_common import Setup, interleaved, pass_ratios, pass_seconds, progress, table
 from torch import Tensor, nn
 
 from transformer.config import Config
-from transformer.ctranslate2_engine import CTranslate2Model
-from transformer.data import make_batches
+from transformer.data.batches import make_batches
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from transformer.decoding.ctranslate2_engine import CTranslate2Model
+from transformer.decoding.quantize import quantize_int8
+from transformer.decoding.search import beam_search
 from transformer.model import Transformer
-from transformer.quantize import quantize_int8
 from transformer.runtime import has_native_bf16
-from transformer.search import beam_search
-from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
-from bench_common import Setup, interleaved, pass_ratios, pass_seconds, progress, table
 
 def hf_marian(cfg: Config, vocab_size: int) -> nn.Module:
     """A randomly initialised `MarianMTModel` with our model's dimensions (never pretrained weights)."""
@@ -112,8 +112,8 @@ def decode_ct2(model: CTranslate2Model, src: Tensor, beam_size: int) -> float:
 def ct2_model(cfg: Config, setup: Setup, model: Transformer, folder: Path) -> Path:
     """Export `model` (with the setup's tokenizer) to a CTranslate2 float32 model in `folder`/ct2."""
     from transformer.checkpoint import save_checkpoint, tokenizer_state
+    from transformer.commands.export import export
     from transformer.config import config_to_dict
-    from transformer.export import export
 
     checkpoint = folder / "random.pt"
     save_checkpoint({"config": config_to_dict(cfg), "model": model.state_dict(),

@@ -2,8 +2,8 @@
 
 The checkpoint is exported to a Hugging Face Marian folder and a CTranslate2 model, and six
 decoders translate the same sentences through the same tokenization and batching
-(`transformer.translator.source_ids`, token-bucketed batches) and the same sacreBLEU scoring:
-ours in float32, bfloat16 and int8 (`transformer.quantize`), the exported `MarianMTModel`
+(`transformer.decoding.translator.source_ids`, token-bucketed batches) and the same sacreBLEU scoring:
+ours in float32, bfloat16 and int8 (`transformer.decoding.quantize`), the exported `MarianMTModel`
 (float32), and CTranslate2 in float32 and int8.
 
 * Greedy search on the test set is the identity check: the exported models compute our function,
@@ -26,18 +26,17 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from bench_common import progress, table
 from sacrebleu.metrics import BLEU
 
 from transformer.checkpoint import load_model
-from transformer.ctranslate2_engine import CTranslate2Model
-from transformer.data import load_split, make_batches
-from transformer.export import export
-from transformer.quantize import quantize_int8
+from transformer.commands.export import export
+from transformer.data.batches import load_split, make_batches
+from transformer.data.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from transformer.decoding.ctranslate2_engine import CTranslate2Model
+from transformer.decoding.quantize import quantize_int8
+from transformer.decoding.translator import source_ids, translate_ids
 from transformer.runtime import has_native_bf16
-from transformer.tokenizer import EOS_ID, PAD_ID, Tokenizer
-from transformer.translator import source_ids, translate_ids
-
-from bench_common import progress, table
 
 # A decoder: (sources, beam size, alpha) -> output ids per source.
 Decoder = Callable[[Sequence[Sequence[int]], int, float], list[list[int]]]

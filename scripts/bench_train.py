@@ -12,18 +12,17 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
+from bench_common import Setup, interleaved, n_tokens, pass_ratios, pass_seconds, progress, shrink, spread, table
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from transformer.config import Config
-from transformer.data import Batch
-from transformer.loss import TranslationLoss
+from transformer.data.batches import Batch
+from transformer.data.tokenizer import PAD_ID
 from transformer.model import Transformer, sinusoidal_table
 from transformer.runtime import PRECISION_DTYPES, has_native_bf16
-from transformer.tokenizer import PAD_ID
-
-from bench_common import Setup, interleaved, n_tokens, pass_ratios, pass_seconds, progress, shrink, spread, table
+from transformer.training.loss import TranslationLoss
 
 PEAK = "matmul peak"  # the run timing the peak matmul among the training steps
 

@@ -170,7 +170,7 @@ def main() -> None:
     results: dict = {}
 
     if "prepare" not in args.skip:
-        r = run([python, "-m", "transformer.prepare", "--config", "configs/wmt14_en_de_base.yaml", *wmt,
+        r = run([python, "-m", "transformer.data.prepare", "--config", "configs/wmt14_en_de_base.yaml", *wmt,
                  f"data.prepared_dir={work / 'prepared'}", f"tokenizer.cache_dir={work / 'tokenizers'}", "--force"],
                 work / "prepare.log")
         m = r["monitor"]

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from transformer.plot import plot_validation_bleu, validation_bleu
+from transformer.training.plot import plot_validation_bleu, validation_bleu
 
 
 def main() -> None:

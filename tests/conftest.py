@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONFIG, TINY_WORDS, overrides, process_state_kept, tiny_sentences, write_corpus
 
 import transformer.model.attention as attention_module
-from helpers import CONFIG, TINY_WORDS, overrides, process_state_kept, tiny_sentences, write_corpus
 
 # No test reads or writes the user's cache of precision measurements: "auto" measures afresh.
 os.environ["TRANSFORMER_PRECISION_CACHE"] = "off"
@@ -74,10 +74,17 @@ def write_tiny_run(root: Path, model: dict, steps: tuple[int, ...], data: dict |
     sections.
     """
     from transformer.checkpoint import save_checkpoint, tokenizer_state
-    from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, TrainConfig
-    from transformer.config import config_to_dict
+    from transformer.config import (
+        Config,
+        DataConfig,
+        DecodeConfig,
+        ModelConfig,
+        TokenizerConfig,
+        TrainConfig,
+        config_to_dict,
+    )
+    from transformer.data.tokenizer import PAD_ID, train_tokenizer
     from transformer.model import Transformer
-    from transformer.tokenizer import PAD_ID, train_tokenizer
 
     folder = root / "data"
     folder.mkdir()
@@ -134,7 +141,7 @@ def tiny_run(tmp_path_factory) -> Path:
 def tiny_ctranslate2(tiny_run, tmp_path_factory) -> Path:
     """`tiny_run`'s step_1.pt exported with `transformer-export --format ctranslate2`. Tests must not change it."""
     pytest.importorskip("ctranslate2")
-    from transformer import export
+    from transformer.commands import export
 
     folder = tmp_path_factory.mktemp("tiny_ctranslate2") / "ct2"
     export.main(["--checkpoint", str(tiny_run / "checkpoints" / "step_1.pt"), "--format", "ctranslate2",

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from transformer import train as train_module
-from transformer.loss import TranslationLoss
+from transformer.training.loss import TranslationLoss
 
 RANK = int(os.environ["RANK"])
 NAN_LOSS_STEP, INF_GRAD_STEP = 2, 4

@@ -21,8 +21,8 @@ import pytest
 import torch
 from torch import Tensor
 
+from transformer.data.tokenizer import EOS_ID, PAD_ID
 from transformer.model import Transformer
-from transformer.tokenizer import EOS_ID, PAD_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "multi30k_de_en.yaml"

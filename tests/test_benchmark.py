@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from transformer.config import Config, ModelConfig
-from transformer.data import Batch
+from transformer.data.batches import Batch
+from transformer.data.tokenizer import PAD_ID
 from transformer.model import Transformer
-from transformer.tokenizer import PAD_ID
-from transformer.loss import TranslationLoss
+from transformer.training.loss import TranslationLoss
 
 V, D, H, F, N_ENC, N_DEC = 40, 16, 2, 24, 2, 3
 
@@ -30,7 +30,6 @@ def load_benchmark():
 benchmark = load_benchmark()
 import bench_decode  # noqa: E402 (on sys.path once benchmark.py is loaded)
 import bench_train  # noqa: E402
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -136,8 +135,8 @@ def test_decoders_run_the_same_number_of_steps():
 
 def test_ctranslate2_and_int8_decoders_run_the_same_number_of_steps(tmp_path):
     """CTranslate2 (our random model, converted) decodes S tokens per sentence, as ours and int8 ours do."""
-    from transformer.tokenizer import train_tokenizer
     from transformer.config import TokenizerConfig
+    from transformer.data.tokenizer import train_tokenizer
 
     words = "ein mann eine frau kind hund spielt läuft im park auf der straße".split()
     texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(6)) for i in range(60)]

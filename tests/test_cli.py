@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from transformer import attention_plot, average, cli, evaluate, precision, runtime, translate
-from transformer.checkpoint import load_checkpoint, load_model, save_checkpoint, tokenizer_state
-from transformer.config import ModelConfig, TokenizerConfig
-from transformer.model import Transformer
-from transformer.rerank import ChannelReranker
-from transformer.tokenizer import PAD_ID, train_tokenizer
-from transformer.translator import translate as translate_texts
-
 from helpers import one_line_error
+
+from transformer import precision, runtime
+from transformer.checkpoint import load_checkpoint, load_model, save_checkpoint, tokenizer_state
+from transformer.commands import attention, average, evaluate, options, translate
+from transformer.config import ModelConfig, TokenizerConfig
+from transformer.data.tokenizer import PAD_ID, train_tokenizer
+from transformer.decoding.rerank import ChannelReranker
+from transformer.decoding.translator import translate as translate_texts
+from transformer.model import Transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,7 +64,7 @@ def test_precision_puts_the_model_in_bf16_and_auto_follows_the_measurement(nativ
         args = parser.parse_args(["--checkpoint", ckpt] + (["--precision", flag] if flag else []))
         with caplog.at_level(logging.WARNING):
             caplog.clear()
-            loaded, decode = cli.load_for_decoding(args, torch.device("cpu"))
+            loaded, decode = options.load_for_decoding(args, torch.device("cpu"))
         assert decode.precision == expected
         assert {p.dtype for p in loaded.model.parameters()} == {runtime.PRECISION_DTYPES[expected]}
         # Asking for bf16 where it measures slower is allowed, with a warning that gives the figure.
@@ -124,8 +124,8 @@ def test_the_reverse_model_decodes_in_the_forward_models_precision(precision, ru
     ckpt = str(run / "checkpoints" / "step_10.pt")
     argv = ["--checkpoint", ckpt, "--rerank-with", str(reverse["same"]), "--precision", precision, "--device", "cpu"]
     args = evaluate._parser().parse_args(argv)
-    loaded, decode = cli.load_for_decoding(args, torch.device("cpu"))
-    reranker = cli.load_reranker(args, loaded, decode, torch.device("cpu"))
+    loaded, decode = options.load_for_decoding(args, torch.device("cpu"))
+    reranker = options.load_reranker(args, loaded, decode, torch.device("cpu"))
     layer_types = lambda model: sorted({type(m).__name__ for m in model.modules()})  # noqa: E731
     assert layer_types(reranker.model) == layer_types(loaded.model)
     assert {p.dtype for p in reranker.model.parameters()} == {p.dtype for p in loaded.model.parameters()}
@@ -169,7 +169,7 @@ def test_bad_checkpoint_is_a_one_line_error(tool, kind, bad_files, run, tmp_path
     argv = {
         "evaluate": (evaluate.main, ["--checkpoint", path, "--device", "cpu"]),
         "translate": (translate.main, ["--checkpoint", path, "--input", str(run / "data" / "test.de")]),
-        "attention": (attention_plot.main, ["--checkpoint", path, "--sentence", "ein hund",
+        "attention": (attention.main, ["--checkpoint", path, "--sentence", "ein hund",
                                             "--output", str(tmp_path / "a.png")]),
         "average": (average.main, ["--inputs", str(run / "checkpoints" / "step_1.pt"), path,
                                    "--output", str(tmp_path / "avg.pt")]),
@@ -210,7 +210,7 @@ def test_translate_rejects_invalid_utf8_with_its_line(run, tmp_path):
 
 def test_translate_streams_stdin_and_fails_cleanly_as_a_process(run, bad_files):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "transformer.translate", "--checkpoint"]
+    command = [sys.executable, "-m", "transformer.commands.translate", "--checkpoint"]
     good = subprocess.run(command + [str(run / "checkpoints" / "step_2.pt"), "--device", "cpu", "--beam", "1"],
                           input="ein hund\n\neine frau\n".encode(), capture_output=True, env=env, timeout=120)
     assert good.returncode == 0, good.stderr.decode()
@@ -246,7 +246,7 @@ def test_average_is_the_mean_of_the_tensors(run, tmp_path):
 
 def test_attention_plot_writes_an_image(run, tmp_path, capsys):
     output = tmp_path / "attention.png"
-    attention_plot.main(["--checkpoint", str(run / "checkpoints" / "step_1.pt"), "--sentence",
+    attention.main(["--checkpoint", str(run / "checkpoints" / "step_1.pt"), "--sentence",
                          "ein mann spielt mit einem ball", "--output", str(output), "--device", "cpu"])
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     loaded = load_model([run / "checkpoints" / "step_1.pt"])

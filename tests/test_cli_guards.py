@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import TINY_WORDS, one_line_error, tiny_sentences
-from transformer import attention_plot, average, evaluate, translate
+
 from transformer.checkpoint import load_checkpoint, load_model, save_checkpoint, tokenizer_state
+from transformer.commands import attention, average, evaluate, translate
 from transformer.config import TokenizerConfig, config_to_dict
-from transformer.tokenizer import train_tokenizer
-from transformer.translator import translate as translate_texts
+from transformer.data.tokenizer import train_tokenizer
+from transformer.decoding.translator import translate as translate_texts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,7 +116,7 @@ def test_attention_refuses_sentences_too_long_to_draw(run, tmp_path, capsys):
     output = tmp_path / "a.png"
     sentence = " ".join(["hund"] * 150)
     with pytest.raises(SystemExit) as exit:
-        attention_plot.main(["--checkpoint", str(run / "checkpoints" / "step_1.pt"), "--sentence", sentence,
+        attention.main(["--checkpoint", str(run / "checkpoints" / "step_1.pt"), "--sentence", sentence,
                              "--output", str(output), "--device", "cpu", "--max-tokens", "20"])
     pieces = len(load_model([run / "checkpoints" / "step_1.pt"]).src_tokenizer.encode(sentence)) + 1
     one_line_error(exit, f"--sentence has {pieces} pieces with EOS, more than the 20", "--max-tokens")
@@ -124,12 +124,12 @@ def test_attention_refuses_sentences_too_long_to_draw(run, tmp_path, capsys):
 
 
 def test_the_attention_figure_stays_within_its_size_bound(monkeypatch, tmp_path):
-    monkeypatch.setattr(attention_plot, "MAX_FIGURE_INCHES", 20.0)
+    monkeypatch.setattr(attention, "MAX_FIGURE_INCHES", 20.0)
     pieces = [f"w{i}" for i in range(40)]  # 0.18 inch per piece: 7.2-inch panels, four rows of them
     maps = {kind: [torch.full((1, 2, 40, 40), 1 / 40)] for kind in ("encoder", "cross")}
     maps["decoder"] = [torch.full((1, 2, 40, 40), 1 / 40)] * 2
     output = tmp_path / "big.png"
-    attention_plot.plot_attention(maps, pieces, pieces, output)
+    attention.plot_attention(maps, pieces, pieces, output)
     width, height = png_size(output)
     assert max(width, height) <= 20 * 100 and height == 2000  # 4 rows shrunk to 5 inches, at 100 dpi
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from transformer.config import DataConfig, TokenizerConfig
-from transformer.data import (
+from transformer.data.batches import (
     Batch,
     BatchSampler,
     DataError,
@@ -18,7 +18,7 @@ from transformer.data import (
     load_split,
     make_batches,
 )
-from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
 
 # shared/ lies beside the repository, in development and in CI.
 MULTI30K = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k")

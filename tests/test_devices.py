@@ -24,19 +24,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CONFIG, MAX_STEPS, overrides, process_state_kept, random_model, random_source
 
 import transformer.model.attention as attention_module
 from transformer.checkpoint import load_checkpoint, load_model, run_checkpoints
 from transformer.config import load_config
-from transformer.loss import TranslationLoss
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from transformer.decoding.rerank import ChannelReranker, channel_log_probs
+from transformer.decoding.search import beam_search, greedy_search
+from transformer.decoding.translator import translate, translate_ids
 from transformer.model import Dropout, Transformer
-from transformer.search import beam_search, greedy_search
-from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from transformer.train import main as train_main
-from transformer.rerank import ChannelReranker, channel_log_probs
-from transformer.translator import translate, translate_ids
-
-from helpers import CONFIG, MAX_STEPS, overrides, process_state_kept, random_model, random_source
+from transformer.training.loss import TranslationLoss
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # fp16 needs CUDA (GradScaler); bf16 on a CPU without native bf16 is only slow, so it runs on CUDA only.

@@ -6,13 +6,13 @@ import dataclasses
 import pytest
 import torch
 
-from transformer import cli, evaluate
 from transformer.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from transformer.commands import evaluate, options
 from transformer.config import DecodeConfig
-from transformer.engine import Candidate
-from transformer.rerank import ChannelReranker, channel_log_probs
-from transformer.search import Hypothesis, beam_search, greedy_search
-from transformer.translator import RerankingEngine, TorchEngine, source_ids, translate, translate_ids
+from transformer.decoding.engine import Candidate
+from transformer.decoding.rerank import ChannelReranker, channel_log_probs
+from transformer.decoding.search import Hypothesis, beam_search, greedy_search
+from transformer.decoding.translator import RerankingEngine, TorchEngine, source_ids, translate, translate_ids
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,7 +55,7 @@ def test_a_beam_of_one_is_greedy_search_with_one_unscored_output(loaded):
 
 
 def test_an_engine_refuses_a_length_penalty_of_the_other_form(loaded, tiny_ctranslate2):
-    from transformer.ctranslate2_engine import CTranslate2Model
+    from transformer.decoding.ctranslate2_engine import CTranslate2Model
 
     sources = source_ids(loaded.src_tokenizer, SENTENCES)
     with pytest.raises(ValueError, match="'gnmt', not 'length'"):
@@ -89,7 +89,7 @@ def test_reranking_ranks_every_candidate_by_the_noisy_channel_score(loaded, tiny
 
 
 def test_the_ctranslate2_engine_returns_n_best_lists_with_its_scores(loaded, tiny_ctranslate2):
-    from transformer.ctranslate2_engine import CTranslate2Model
+    from transformer.decoding.ctranslate2_engine import CTranslate2Model
 
     engine = CTranslate2Model(tiny_ctranslate2, "float32", threads=1, max_src_len=64)
     settings = DecodeConfig(engine="ctranslate2", length_penalty_form="length", length_penalty=1.0, beam_size=3,
@@ -119,10 +119,10 @@ def test_decode_settings_are_the_checkpoints_with_the_options_over_them(tiny_run
     parser = evaluate._parser()
     args = parser.parse_args(["--checkpoint", str(ckpt), "--beam", "3", "--alpha", "1.5", "--batch-tokens", "99",
                               "--no-cache", "--rerank-with", "a.pt", "b.pt", "--rerank-weight", "2"])
-    assert cli.decode_settings(decode, args) == dataclasses.replace(
+    assert options.decode_settings(decode, args) == dataclasses.replace(
         decode, beam_size=3, length_penalty=1.5, batch_tokens=99, use_cache=False, rerank_with=["a.pt", "b.pt"],
         rerank_weight=2.0)
-    assert cli.decode_settings(decode, parser.parse_args(["--checkpoint", str(ckpt)])) == decode
+    assert options.decode_settings(decode, parser.parse_args(["--checkpoint", str(ckpt)])) == decode
     greedy = parser.parse_args(["--checkpoint", str(ckpt), "--beam", "1"])
     with pytest.raises(CheckpointError, match="decode.n_best must be >= 1 and at most decode.beam_size"):
-        cli.decode_settings(dataclasses.replace(decode, n_best=2), greedy)
+        options.decode_settings(dataclasses.replace(decode, n_best=2), greedy)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from transformer import generate
+from transformer.commands import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"

@@ -7,22 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_line_error
 from transformers import AutoTokenizer, MarianMTModel
 from transformers.models.marian.modeling_marian import MarianSinusoidalPositionalEmbedding
 
-from transformer import average, evaluate, export
 from transformer.atomic import staging_folder
 from transformer.bleu import MULTI30K_LABEL, multi30k_bleu
 from transformer.checkpoint import load_model, save_checkpoint, tokenizer_state
+from transformer.commands import average, evaluate, export
 from transformer.config import Config, DataConfig, DecodeConfig, ModelConfig, TokenizerConfig, config_to_dict
-from transformer.ctranslate2_engine import CTranslate2Model, convert_marian
-from transformer.data import load_split
+from transformer.data.batches import load_split
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
+from transformer.decoding.ctranslate2_engine import CTranslate2Model, convert_marian
+from transformer.decoding.search import greedy_search
+from transformer.decoding.translator import source_ids, translate_ids
 from transformer.model import Transformer, sinusoidal_table
-from transformer.search import greedy_search
-from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
-from transformer.translator import source_ids, translate_ids
-
-from helpers import one_line_error
 
 # shared/ lies beside the repository, in development and in CI.
 MULTI30K = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k")
@@ -381,7 +380,7 @@ def test_an_error_during_writing_leaves_no_folder(run, tmp_path, monkeypatch):
 def test_ctranslate2_outputs_stop_where_the_exports_position_table_ends(tiny_ctranslate2):
     """A length limit a * S + b past the export's positions (model.max_len) would make CTranslate2
     fail; the output is cut at max_len - 1 tokens instead."""
-    from transformer.ctranslate2_engine import load_ctranslate2
+    from transformer.decoding.ctranslate2_engine import load_ctranslate2
 
     model, config, _ = load_ctranslate2(tiny_ctranslate2, None)
     settings = DecodeConfig(beam_size=2, max_len_a=1.0, max_len_b=200, length_penalty_form="length")

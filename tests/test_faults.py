@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from helpers import CONFIG, MAX_STEPS, ROOT, TIMEOUT, assert_same_tensors, overrides, steps_logged
+
 from transformer.checkpoint import load_checkpoint, run_checkpoints
 from transformer.train import main
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("restore_process_state")
 DRIVER = """
 import os, signal, sys
 import transformer.train as train
-from transformer.data import BatchSampler
+from transformer.data.batches import BatchSampler
 
 point = sys.argv[1]
 

@@ -21,22 +21,21 @@ from collections import Counter
 
 import pytest
 import torch
+from helpers import CONFIG, ROOT, free_port, one_line_error, overrides, random_model, random_source, run_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from transformer import loss as loss_module
 from transformer import runtime
 from transformer import train as train_module
 from transformer.checkpoint import load_checkpoint, run_checkpoints
 from transformer.config import load_config
-from transformer.data import ParallelData, collate
-from transformer.loss import TranslationLoss, label_smoothed_cross_entropy
+from transformer.data.batches import ParallelData, collate
+from transformer.data.tokenizer import EOS_ID, PAD_ID
+from transformer.decoding.search import Hypothesis, beam_search, greedy_search
 from transformer.precision import ProbeShape, choose_precision
-from transformer.search import Hypothesis, beam_search, greedy_search
-from transformer.tokenizer import EOS_ID, PAD_ID
 from transformer.train import Ranks, main, optimizer_step, train
-
-from helpers import CONFIG, ROOT, free_port, one_line_error, overrides, random_model, random_source, run_module
-
+from transformer.training import distributed
+from transformer.training import loss as loss_module
+from transformer.training.loss import TranslationLoss, label_smoothed_cross_entropy
 
 # ---------------------------------------------------------------------------------------------
 # Counting host reads
@@ -347,9 +346,9 @@ def test_a_cpu_run_gathers_no_cuda_state_on_a_gpu_machine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state", no_cuda)
     monkeypatch.setattr(torch.cuda, "set_rng_state", no_cuda)
-    states = train_module.rng_states(torch.device("cpu"))
+    states = distributed.rng_states(torch.device("cpu"))
     assert list(states[0]) == ["torch"]
-    train_module.restore_rng([{**states[0], "cuda": torch.zeros(8, dtype=torch.uint8)}], 0, 1, 1, torch.device("cpu"))
+    distributed.restore_rng([{**states[0], "cuda": torch.zeros(8, dtype=torch.uint8)}], 0, 1, 1, torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +365,7 @@ def reads_per_search_step(monkeypatch, search, **kwargs) -> list[int]:
     monkeypatch.setattr(model, "project", lambda hidden: project(hidden) + eos_penalty)
     src = random_source(4, [5, 3, 7, 2])
     marks = []
-    import transformer.search as search_module
+    import transformer.decoding.search as search_module
     best = search_module._best_next_tokens
 
     def marked(*args, **kw):

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from transformer import attention_plot, average, cli, evaluate, export, generate, translate
-from transformer.checkpoint import load_checkpoint, save_checkpoint, save_safetensors
-from transformer.bleu import tokenized_bleu
-from transformer.checkpoint import load_model
-from transformer.config import ConfigError, load_config
-from transformer.data import DataError
-
 from helpers import one_line_error
+
+from transformer.bleu import tokenized_bleu
+from transformer.checkpoint import load_checkpoint, load_model, save_checkpoint, save_safetensors
+from transformer.commands import attention, average, evaluate, export, generate, options, translate
+from transformer.config import ConfigError, load_config
+from transformer.data.batches import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,7 +73,7 @@ def test_non_finite_weights_are_refused_where_a_checkpoint_is_loaded(command, va
         "evaluate": (evaluate.main, ["--checkpoint", str(bad), "--output", str(tmp_path / "hyp.txt"), *common]),
         "translate": (translate.main, ["--checkpoint", str(bad), "--input", str(tiny_run / "data" / "test.de"),
                                        *common]),
-        "attention": (attention_plot.main, ["--checkpoint", str(bad), "--sentence", "ein hund",
+        "attention": (attention.main, ["--checkpoint", str(bad), "--sentence", "ein hund",
                                             "--output", str(tmp_path / "a.png"), *common]),
         "export": (export.main, ["--checkpoint", str(bad), "--format", "hf", "--output", str(tmp_path / "hf")]),
         "average": (average.main, ["--inputs", str(good), str(bad), "--output", str(tmp_path / "avg.pt")]),
@@ -168,12 +166,12 @@ def test_generate_refuses_non_finite_or_out_of_range_sampling_values(option, val
     usage_error(exit, capsys, option)
 
 
-@pytest.mark.parametrize("command", [evaluate, translate, attention_plot])
+@pytest.mark.parametrize("command", [evaluate, translate, attention])
 @pytest.mark.parametrize("option, value", [("--alpha", "nan"), ("--alpha", "inf"), ("--alpha", "-1")])
 def test_decoding_commands_refuse_a_non_finite_length_penalty(command, option, value, tiny_run, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "load_model", never)
+    monkeypatch.setattr(options, "load_model", never)
     argv = ["--checkpoint", str(tiny_run / "checkpoints" / "step_1.pt"), "--device", "cpu", option, value]
-    if command is attention_plot:
+    if command is attention:
         argv += ["--sentence", "ein hund"]
     with pytest.raises(SystemExit) as exit:
         command.main(argv)
@@ -190,9 +188,9 @@ def test_config_floats_must_be_finite(override):
 
 
 def test_attention_refuses_the_ctranslate2_engine_before_loading(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(attention_plot, "load_for_decoding", never)
+    monkeypatch.setattr(attention, "load_for_decoding", never)
     with pytest.raises(SystemExit) as exit:
-        attention_plot.main(["--checkpoint", str(tmp_path / "ct2"), "--engine", "ctranslate2",
+        attention.main(["--checkpoint", str(tmp_path / "ct2"), "--engine", "ctranslate2",
                              "--sentence", "ein hund", "--output", str(tmp_path / "a.png")])
     usage_error(exit, capsys, "--engine ctranslate2", "cross-attention")
     assert list(tmp_path.iterdir()) == []

@@ -20,8 +20,11 @@ from typing import Callable
 import pytest
 import yaml
 
-from transformer import attention_plot, average, evaluate, export, generate, prepare, train, translate
+from transformer import train
 from transformer.checkpoint import load_checkpoint, save_checkpoint
+from transformer.commands import attention, average, evaluate, export, generate, translate
+from transformer.data import prepare
+from transformer.training.run_folder import check_run_paths
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,7 +130,7 @@ ROWS = {
     "average --output = --inputs": Row(
         average.main, "--output", "model/other.pt",
         lambda ws, out: ["--inputs", str(ws / "model" / "model.pt"), str(ws / "model" / "other.pt"), "--output", str(out)]),
-    "attention --output = --checkpoint": Row(attention_plot.main, "--output", "model/model.pt",
+    "attention --output = --checkpoint": Row(attention.main, "--output", "model/model.pt",
                                              lambda ws, out: [*model(ws), "--sentence", "ein hund", "--output", str(out)]),
     "export --output = --checkpoint": Row(
         export.main, "--output", "model/model.pt",
@@ -200,16 +203,16 @@ def test_train_may_rewrite_the_config_yaml_it_wrote_when_it_resumes(ws):
     run_dir.mkdir()
     config = run_dir / "config.yaml"
     config.write_bytes((ws / "config.yaml").read_bytes())
-    train.check_run_paths(train.load_config(config, []), config, resume=True)
+    check_run_paths(train.load_config(config, []), config, resume=True)
     with pytest.raises(OSError, match="train.output_dir .*config.yaml is the --config file"):
-        train.check_run_paths(train.load_config(config, []), config, resume=False)
+        check_run_paths(train.load_config(config, []), config, resume=False)
 
 
 def test_train_refuses_a_prepared_folder_that_holds_the_run(ws):
     """Preparing the folder again would delete the run."""
     cfg = train.load_config(ws / "config.yaml", [f"data.prepared_dir={ws / 'prep'}", f"train.output_dir={ws / 'prep' / 'run'}"])
     with pytest.raises(OSError, match="data.prepared_dir .* holds the run folder"):
-        train.check_run_paths(cfg)
+        check_run_paths(cfg)
 
 
 # Every option that names a path, by command: read (an input) or written (a row above).
@@ -222,7 +225,7 @@ PATH_OPTIONS = {
     "generate": {"read": {"checkpoint"}, "written": set()},
 }
 PARSERS = {"evaluate": evaluate._parser, "translate": translate._parser, "average": average._parser,
-           "attention": attention_plot._parser, "export": export._parser, "generate": generate._parser}
+           "attention": attention._parser, "export": export._parser, "generate": generate._parser}
 
 
 def path_options(parser: argparse.ArgumentParser) -> set[str]:

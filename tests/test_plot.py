@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from transformer.plot import plot_validation_bleu, validation_bleu
+from transformer.training.plot import plot_validation_bleu, validation_bleu
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_curves.py"
 

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONFIG
 
 from transformer import precision
-from transformer import train as train_module
 from transformer.config import load_config
 from transformer.precision import BF16_MIN_SPEEDUP, ProbeShape, bf16_speedup, choose_precision
-
-from helpers import CONFIG
+from transformer.training.step import run_precision
 
 CPU = torch.device("cpu")
 SHAPE = ProbeShape.of(256, 1024, 8000, 2000, training=True)
@@ -158,10 +157,10 @@ def test_rank_zero_decides_and_the_other_ranks_follow(monkeypatch):
     cfg = load_config(CONFIG)
     probe = FakeProbe(fp32=1.0, bf16=0.5)
     monkeypatch.setattr(precision, "measure_probe", probe)
-    assert train_module.run_precision(cfg, CPU, FakeRanks(0, decided=""), None) == "bf16" and probe.calls
+    assert run_precision(cfg, CPU, FakeRanks(0, decided=""), None) == "bf16" and probe.calls
     probe.calls.clear()
     # Rank 1 does not measure: it takes what rank 0 decided, even where its own probe would differ.
-    assert train_module.run_precision(cfg, CPU, FakeRanks(1, decided="fp32"), None) == "fp32"
+    assert run_precision(cfg, CPU, FakeRanks(1, decided="fp32"), None) == "fp32"
     assert probe.calls == []
 
 

@@ -19,18 +19,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import CONFIG, MAX_STEPS, ROOT, TIMEOUT, assert_same_tensors, free_port, overrides, run_module, step_of
 
-from helpers import (
-    CONFIG, MAX_STEPS, ROOT, TIMEOUT, assert_same_tensors, free_port, overrides, run_module, step_of,
-)
-from transformer import atomic, evaluate
-from transformer import prepare as prepare_module
-from transformer import tokenizer as tokenizer_module
+from transformer import atomic
 from transformer import train as train_module
 from transformer.checkpoint import load_checkpoint, run_checkpoints
+from transformer.commands import evaluate
 from transformer.config import load_config
-from transformer.data import BatchSampler, DataError, bucket_batches, collate
-from transformer.prepared import open_prepared
+from transformer.data import prepare as prepare_module
+from transformer.data import tokenizer as tokenizer_module
+from transformer.data.batches import BatchSampler, DataError, bucket_batches, collate
+from transformer.data.prepared import open_prepared
 from transformer.train import main, train
 
 # `reference` (conftest.py) is the run on the in-memory path that prepared runs are compared with.
@@ -129,7 +128,7 @@ def test_damaged_stale_and_changed_folders_are_named_and_rebuilt(corpus, tmp_pat
     with pytest.raises(DataError, match="train.src.bin has .* bytes") as error:
         open_prepared(folder)
     assert "\n" not in str(error.value)
-    train_module.ensure_prepared(cfg)  # rebuilds
+    prepare_module.ensure_prepared(cfg)  # rebuilds
     assert prepare_module.stale_reason(cfg) is None
 
     # Edited in place (same size): only the content hash can tell.
@@ -327,7 +326,7 @@ def test_a_bad_corpus_is_a_one_line_error_naming_the_file_from_the_preparing_chi
 
 
 def test_streamed_blocks_split_lines_as_read_lines(tmp_path):
-    from transformer.data import read_lines
+    from transformer.data.batches import read_lines
     text = "a\r\n b \n\nü" * 5 + "\u2028x\n\n"
     path = tmp_path / "f.txt"
     path.write_text(text, encoding="utf-8")
@@ -337,7 +336,7 @@ def test_streamed_blocks_split_lines_as_read_lines(tmp_path):
 
 
 def test_the_tokenizer_sample_is_seeded_uniform_in_corpus_order_and_blind_to_chunking():
-    from transformer.tokenizer import sample_pairs
+    from transformer.data.tokenizer import sample_pairs
     src = [f"s{i}" for i in range(20_000)]
     tgt = [f"t{i}" for i in range(20_000)]
     assert sample_pairs([(src, tgt)], 0) == (src, tgt)

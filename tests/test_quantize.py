@@ -7,12 +7,18 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-from transformer import evaluate
+from transformer.commands import evaluate
+from transformer.decoding.quantize import (
+    Int8FeedForward,
+    Int8InputProjection,
+    int8_linear,
+    quantize_int8,
+    quantized_engine,
+)
+from transformer.decoding.search import beam_search
 from transformer.model import MultiHeadAttention, Transformer
 from transformer.model.attention import InputProjection
 from transformer.model.layers import FeedForward
-from transformer.quantize import Int8FeedForward, Int8InputProjection, int8_linear, quantize_int8, quantized_engine
-from transformer.search import beam_search
 
 
 def model() -> Transformer:

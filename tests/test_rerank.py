@@ -5,11 +5,11 @@ import logging
 import pytest
 import torch
 
+from transformer.data.tokenizer import BOS_ID, EOS_ID
+from transformer.decoding.rerank import ChannelReranker, channel_log_probs, rerank
+from transformer.decoding.search import Hypothesis, beam_search
+from transformer.decoding.translator import translate_ids
 from transformer.model import Transformer
-from transformer.rerank import ChannelReranker, channel_log_probs, rerank
-from transformer.search import Hypothesis, beam_search
-from transformer.tokenizer import BOS_ID, EOS_ID
-from transformer.translator import translate_ids
 
 VOCAB = 20
 

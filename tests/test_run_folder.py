@@ -21,12 +21,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    CONFIG,
+    MAX_STEPS,
+    assert_same_tensors,
+    one_line_error,
+    overrides,
+    step_of,
+    steps_logged,
+    write_corpus,
+)
 
-from helpers import CONFIG, MAX_STEPS, assert_same_tensors, one_line_error, overrides, step_of, steps_logged, write_corpus
 from transformer.checkpoint import load_checkpoint, run_checkpoints, save_checkpoint
 from transformer.config import load_config
-from transformer.plot import read_metrics
 from transformer.train import main
+from transformer.training.plot import read_metrics
 
 pytestmark = pytest.mark.usefixtures("restore_process_state")
 
@@ -74,8 +83,8 @@ def test_a_second_run_into_a_live_runs_folder_is_refused_and_writes_nothing(corp
 
 
 def test_a_live_lock_of_another_host_is_refused_and_a_stale_one_taken_over(tmp_path):
-    from transformer import run_lock
-    from transformer.run_lock import RunLock, RunLockedError
+    from transformer.training import run_lock
+    from transformer.training.run_lock import RunLock, RunLockedError
 
     write_lock(tmp_path, host="elsewhere", pid=1)  # refreshed just now: alive, though its pid is not ours to check
     with pytest.raises(RunLockedError, match="pid 1 on host 'elsewhere'"):
@@ -99,7 +108,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(corpus, tmp_pa
 
 
 def test_the_lock_is_refreshed_while_held_and_given_up_when_taken(tmp_path, monkeypatch):
-    from transformer import run_lock
+    from transformer.training import run_lock
 
     monkeypatch.setattr(run_lock, "REFRESH_SECONDS", 0.02)
     lock = run_lock.RunLock(tmp_path)
@@ -118,7 +127,7 @@ def test_the_lock_is_refreshed_while_held_and_given_up_when_taken(tmp_path, monk
 
 
 def test_a_lock_file_not_yet_written_is_not_taken_for_a_stale_one(tmp_path):
-    from transformer.run_lock import RunLock, RunLockedError
+    from transformer.training.run_lock import RunLock, RunLockedError
 
     first, second = RunLock(tmp_path), RunLock(tmp_path)
     record, seen = first._record, []
@@ -142,8 +151,8 @@ def test_a_lock_file_not_yet_written_is_not_taken_for_a_stale_one(tmp_path):
 
 
 def test_on_this_host_a_live_owner_keeps_its_lock_however_old_and_a_reused_pid_loses_it(tmp_path):
-    from transformer import run_lock
-    from transformer.run_lock import RunLock, RunLockedError
+    from transformer.training import run_lock
+    from transformer.training.run_lock import RunLock, RunLockedError
 
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
@@ -172,7 +181,8 @@ def test_a_run_folder_that_cannot_be_created_is_one_line(corpus, tmp_path):
 
 
 def test_a_run_whose_lock_is_taken_stops_without_writing_more(corpus, tmp_path, monkeypatch):
-    from transformer import run_lock, train
+    from transformer import train
+    from transformer.training import run_lock
 
     monkeypatch.setattr(run_lock, "REFRESH_SECONDS", 0.01)
     validate = train.validate
@@ -191,13 +201,13 @@ def test_a_run_whose_lock_is_taken_stops_without_writing_more(corpus, tmp_path, 
     caught: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = caught.append
-    logging.getLogger("transformer.run_lock").addHandler(handler)
+    logging.getLogger("transformer.training.run_lock").addHandler(handler)
     monkeypatch.setattr(train, "validate", validate_while_another_run_takes_the_folder)
     try:
         with pytest.raises(SystemExit) as exit:
             main(["--config", str(CONFIG), *overrides(corpus, tmp_path, train_eval_bleu_sentences=0)])
     finally:
-        logging.getLogger("transformer.run_lock").removeHandler(handler)
+        logging.getLogger("transformer.training.run_lock").removeHandler(handler)
     one_line_error(exit, f"{tmp_path / LOCK} is no longer this run's", "stopped at step 10")
     assert [step_of(p) for p in run_checkpoints(tmp_path)] == [5]  # nothing written after step 10's validation
     assert not (tmp_path / "checkpoints" / "best.pt").exists()
@@ -379,7 +389,7 @@ def test_resume_skips_an_unreadable_newest_checkpoint_and_replays_without_duplic
 
 
 def test_resume_drops_a_metrics_row_cut_short_with_the_replayed_ones(tmp_path):
-    from transformer.train import MetricsLog
+    from transformer.training.run_folder import MetricsLog
 
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 6)]

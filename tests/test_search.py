@@ -5,13 +5,12 @@ import math
 
 import pytest
 import torch
+from helpers import random_model, random_source
 from torch import Tensor, nn
 
+import transformer.decoding.search as search
+from transformer.decoding.search import Hypothesis, beam_search, greedy_search, length_penalty_factor, top_k
 from transformer.model import DecoderCache, Transformer
-import transformer.search as search
-from transformer.search import Hypothesis, beam_search, greedy_search, length_penalty_factor, top_k
-
-from helpers import random_model, random_source
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers import CONFIG
 
 from transformer.config import ConfigError, load_config
-from transformer.short_budget import projected_steps, resolve_short_budget
-
-from helpers import CONFIG
+from transformer.training.short_budget import projected_steps, resolve_short_budget
 
 
 @pytest.fixture

@@ -30,10 +30,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from transformer import attention_plot, average, evaluate, export, generate, translate
 from transformer.checkpoint import load_checkpoint, save_checkpoint
+from transformer.commands import attention, average, evaluate, export, generate, translate
 from transformer.config import (
-    SIZE_LIMITS, SIZE_LIMITS_ENV, Config, ConfigError, bounded_int, config_to_dict, load_config, size_limit,
+    SIZE_LIMITS,
+    SIZE_LIMITS_ENV,
+    Config,
+    ConfigError,
+    bounded_int,
+    config_to_dict,
+    load_config,
+    size_limit,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,13 +71,13 @@ NOT_SIZES = {
 # Commands with numeric options, the arguments each needs besides the one under test, and the
 # numeric options that size no memory.
 COMMANDS = {
-    "transformer.evaluate": (evaluate, ["--checkpoint", "{ckpt}", "--device", "cpu"]),
-    "transformer.translate": (translate, ["--checkpoint", "{ckpt}", "--device", "cpu"]),
-    "transformer.attention_plot": (attention_plot, ["--checkpoint", "{ckpt}", "--device", "cpu", "--sentence",
+    "transformer.commands.evaluate": (evaluate, ["--checkpoint", "{ckpt}", "--device", "cpu"]),
+    "transformer.commands.translate": (translate, ["--checkpoint", "{ckpt}", "--device", "cpu"]),
+    "transformer.commands.attention": (attention, ["--checkpoint", "{ckpt}", "--device", "cpu", "--sentence",
                                                     "ein hund", "--output", "{tmp}/attention.png"]),
-    "transformer.generate": (generate, ["{lm}"]),
-    "transformer.average": (average, []),
-    "transformer.export": (export, []),
+    "transformer.commands.generate": (generate, ["{lm}"]),
+    "transformer.commands.average": (average, []),
+    "transformer.commands.export": (export, []),
 }
 OPTIONS_NOT_SIZES = {
     "--alpha": "a weight", "--rerank-weight": "a weight", "--temperature": "a temperature",
@@ -99,7 +106,7 @@ def cases() -> list[dict]:
         found.append(dict(id=f"train {key}", kind="fork", module="transformer.train", names=key, limit=key,
                           argv=["--config", "{config}", f"{key}={value}", "train.output_dir={tmp}/run"]))
     for key in CONFIG_KEYS:  # in a checkpoint's config, 10^6 times the checkpoint's value
-        found.append(dict(id=f"checkpoint {key}", kind="fork", module="transformer.evaluate", names=key, limit=key,
+        found.append(dict(id=f"checkpoint {key}", kind="fork", module="transformer.commands.evaluate", names=key, limit=key,
                           argv=["--checkpoint", f"{{variants}}/{key}.pt", "--device", "cpu"]))
     for module_name, (module, base) in COMMANDS.items():
         for action in numeric_options(module):
@@ -111,15 +118,15 @@ def cases() -> list[dict]:
             found.append(dict(id=f"{module_name.split('.')[1]} {option}", kind="fork", module=module_name,
                               names=option, limit=key, argv=[*base, option, str(value)]))
     for name in generate.LM_SIZES:  # in a language model's settings, 10^6 times the file's value
-        found.append(dict(id=f"generate settings {name}", kind="fork", module="transformer.generate",
+        found.append(dict(id=f"generate settings {name}", kind="fork", module="transformer.commands.generate",
                           names=f"settings {name}", limit=generate.LM_SIZES[name], argv=[f"{{lm_variants}}/{name}.pt"]))
     # Whole commands, as a user runs them.
     found += [
-        dict(id="python -m evaluate --beam 1000000", kind="exec", module="transformer.evaluate", names="--beam",
+        dict(id="python -m evaluate --beam 1000000", kind="exec", module="transformer.commands.evaluate", names="--beam",
              limit="decode.beam_size", argv=["--checkpoint", "{ckpt}", "--device", "cpu", "--beam", "1000000"]),
-        dict(id="python -m generate --num 100000000", kind="exec", module="transformer.generate", names="--num",
+        dict(id="python -m generate --num 100000000", kind="exec", module="transformer.commands.generate", names="--num",
              limit="generate.num", argv=["{lm}", "--num", "100000000"]),
-        dict(id="python -m evaluate, checkpoint model.max_len=10^9", kind="exec", module="transformer.evaluate",
+        dict(id="python -m evaluate, checkpoint model.max_len=10^9", kind="exec", module="transformer.commands.evaluate",
              names="model.max_len", limit="model.max_len",
              argv=["--checkpoint", "{tmp}/max_len_1e9.pt", "--device", "cpu"]),
     ]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from transformer.config import TokenizerConfig
-from transformer.tokenizer import (
+from transformer.data.tokenizer import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -91,12 +91,12 @@ def test_unigram(corpus, tmp_path: Path):
 
 def test_cache_reuses_model(corpus, tmp_path: Path, caplog):
     cfg = TokenizerConfig(vocab_size=500, cache_dir=str(tmp_path))
-    with caplog.at_level(logging.INFO, logger="transformer.tokenizer"):
+    with caplog.at_level(logging.INFO, logger="transformer.data.tokenizer"):
         first, _ = load_or_train_tokenizers(cfg, *corpus, "de", "en")
     assert "training" in caplog.text
     mtime = first.path.stat().st_mtime_ns
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="transformer.tokenizer"):
+    with caplog.at_level(logging.INFO, logger="transformer.data.tokenizer"):
         second, _ = load_or_train_tokenizers(cfg, *corpus, "de", "en")
     assert "reusing cached tokenizer" in caplog.text and "training" not in caplog.text
     assert second.path == first.path and second.path.stat().st_mtime_ns == mtime

@@ -24,23 +24,33 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import (
+    CONFIG,
+    MAX_STEPS,
+    ROOT,
+    SPLITS,
+    TIMEOUT,
+    assert_same_tensors,
+    free_port,
+    one_line_error,
+    overrides,
+    process_state_kept,
+    run_module,
+    step_of,
+)
 
-from transformer import evaluate, translate
 from transformer import precision
 from transformer import train as train_module
 from transformer.checkpoint import load_checkpoint, run_checkpoints
+from transformer.commands import evaluate, translate
 from transformer.config import ConfigError, TrainConfig, load_config
-from transformer.data import BatchSampler, make_batches
+from transformer.data.batches import BatchSampler, make_batches
+from transformer.data.tokenizer import PAD_ID
 from transformer.model import Transformer
-from transformer.schedule import cooldown_factor, noam_lr
-from transformer.tokenizer import PAD_ID
-from transformer.loss import TranslationLoss
 from transformer.train import TrainingError, main, train
-
-from helpers import (
-    CONFIG, MAX_STEPS, ROOT, SPLITS, TIMEOUT, assert_same_tensors, free_port, one_line_error, overrides,
-    process_state_kept, run_module, step_of,
-)
+from transformer.training.budget import Position, budget_used
+from transformer.training.loss import TranslationLoss
+from transformer.training.schedule import cooldown_factor, noam_lr
 
 pytestmark = pytest.mark.usefixtures("restore_process_state")
 
@@ -447,15 +457,15 @@ def test_cooldown_takes_the_rate_linearly_to_zero_over_the_end_of_the_budget():
 
 
 def test_budget_used_is_the_most_advanced_of_the_limits_set():
-    position = train_module.Position(step=50, epoch=1, batch=5, elapsed=30.0)
+    position = Position(step=50, epoch=1, batch=5, elapsed=30.0)
     tc = TrainConfig(max_steps=200, max_epochs=0, max_minutes=0)
-    assert train_module.budget_used(tc, position, 10) == pytest.approx(0.25)
+    assert budget_used(tc, position, 10) == pytest.approx(0.25)
     tc = TrainConfig(max_steps=200, max_epochs=3, max_minutes=0)
-    assert train_module.budget_used(tc, position, 10) == pytest.approx(0.5)  # 1.5 of 3 epochs
+    assert budget_used(tc, position, 10) == pytest.approx(0.5)  # 1.5 of 3 epochs
     tc = TrainConfig(max_steps=0, max_epochs=0, max_minutes=0.75)
-    assert train_module.budget_used(tc, position, 10) == pytest.approx(30 / 45)
+    assert budget_used(tc, position, 10) == pytest.approx(30 / 45)
     tc = TrainConfig(max_steps=40, max_epochs=0, max_minutes=0)
-    assert train_module.budget_used(tc, position, 10) == 1.0
+    assert budget_used(tc, position, 10) == 1.0
 
 
 def test_cooldown_needs_a_budget(corpus, tmp_path):

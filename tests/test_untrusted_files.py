@@ -18,8 +18,10 @@ import pytest
 import torch
 import yaml
 
-from transformer import attention_plot, average, evaluate, export, generate, prepare, train, translate
+from transformer import train
 from transformer.checkpoint import FORMAT
+from transformer.commands import attention, average, evaluate, export, generate, translate
+from transformer.data import prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +80,7 @@ CHECKPOINT_READERS = {
     "translate --rerank-with": Case(translate.main, lambda bad, tmp, fx: [
         "--checkpoint", step_1(fx), "--rerank-with", str(bad), "--beam", "2",
         "--input", str(fx["run"] / "data" / "test.de"), "--device", "cpu"]),
-    "attention --checkpoint": Case(attention_plot.main, lambda bad, tmp, fx: [
+    "attention --checkpoint": Case(attention.main, lambda bad, tmp, fx: [
         "--checkpoint", str(bad), "--sentence", "ein hund", "--output", str(tmp / "a.png"), "--device", "cpu"]),
     "average --inputs": Case(average.main, lambda bad, tmp, fx: [
         "--inputs", step_1(fx), str(bad), "--output", str(tmp / "avg.pt")]),

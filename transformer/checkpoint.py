@@ -20,10 +20,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .atomic import atomic_write, atomic_write_bytes, check_not_an_input
-from .config import Config, ConfigError, config_from_dict, config_to_dict
-from .model import Transformer
-from .tokenizer import PAD_ID, Tokenizer
+from transformer.atomic import atomic_write, atomic_write_bytes, check_not_an_input
+from transformer.config import Config, ConfigError, config_from_dict, config_to_dict
+from transformer.data.tokenizer import PAD_ID, Tokenizer
+from transformer.model import Transformer
 
 FORMAT = "transformer-checkpoint/1"
 SAFETENSORS_FORMAT = "transformer-weights/1"  # inference-only weights + tokenizers + config
@@ -348,8 +348,8 @@ class LoadedModel:
     """A model ready to translate, with the config and tokenizers it was trained with.
 
     `model` is a `Transformer`, possibly cast to bfloat16 or replaced by its int8 copy from
-    `transformer.quantize`. What decodes it is an engine (`transformer.translator.TorchEngine`);
-    an exported model that another engine decodes is no `LoadedModel` (`transformer.cli.load_engine`).
+    `transformer.decoding.quantize`. What decodes it is an engine (`transformer.decoding.translator.TorchEngine`);
+    an exported model that another engine decodes is no `LoadedModel` (`transformer.commands.options.load_engine`).
     """
 
     model: Transformer

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from .atomic import atomic_write_bytes
+from transformer.atomic import atomic_write_bytes
 
 
 class ConfigError(ValueError):
@@ -136,8 +136,8 @@ class TrainConfig:
 @dataclass
 class DecodeConfig:
     """Decoding settings (paper section 6.1): the one object that carries them from a checkpoint's
-    config, with the decoding commands' options laid over it (`transformer.cli.decode_settings`),
-    to the engine that searches (`transformer.engine`)."""
+    config, with the decoding commands' options laid over it (`transformer.commands.options.decode_settings`),
+    to the engine that searches (`transformer.decoding.engine`)."""
 
     beam_size: int = 4  # hypotheses kept per sentence; 1 = greedy
     n_best: int = 1  # candidates an engine returns per sentence, best first (at most beam_size); the commands write the best

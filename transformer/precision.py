@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .atomic import atomic_write_bytes
-from .runtime import has_native_bf16
+from transformer.atomic import atomic_write_bytes
+from transformer.runtime import has_native_bf16
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ needed to resume exactly, a clean save on SIGINT/SIGTERM, and data parallelism u
 
 Read from the bottom: `train` holds the run folder; `_train` starts the run, loads its data and
 builds its model (`load_data`, `build_run`); `train_loop` repeats `train_step` and `after_step`
-until the run stops. Beside this module: the ranks in `distributed`, the position and the limits
-in `budget`, the step's precision and update in `step`, the data in `training_data`, the run's
+until the run stops. In `transformer.training`: the ranks in `distributed`, the position and the
+limits in `budget`, the step's precision and update in `step`, the data in `run_data`, the run's
 state, start and end in `run_state`, its folder and logs in `run_folder`.
 """
 
@@ -27,30 +27,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-# Besides what this module uses, its callers import from here the parts the loop is built from:
-# Position, stop_reason, budget_used, Ranks, rng_states, restore_rng, MetricsLog, RUN_FILES,
-# check_run_paths, ensure_prepared, autocast, run_precision, optimizer_step and seconds_per_step.
-from .budget import Clock, Position, StopRequested, budget_used, stop_reason  # noqa: F401
-from .checkpoint import CheckpointError, save_checkpoint
-from .config import Config, ConfigError, load_config, save_config
-from .data import Batch, BatchSampler, DataError, ParallelData, bucket_batches, collate, make_batches
-from .distributed import Ranks, launch_rank, restore_rng, rng_states, run_device  # noqa: F401
-from .loss import TranslationLoss
-from .model import Transformer
-from .prepare import ensure_prepared  # noqa: F401
-from .run_folder import (  # noqa: F401
-    RUN_FILES, MetricsLog, ProgressLog, RunLog, check_run_paths, claim_run_folder, held_run_folder,
+from transformer.checkpoint import CheckpointError, save_checkpoint
+from transformer.config import Config, ConfigError, load_config, save_config
+from transformer.data.batches import Batch, BatchSampler, DataError, ParallelData, bucket_batches, collate, make_batches
+from transformer.data.tokenizer import PAD_ID, Tokenizer, copy_tokenizers
+from transformer.decoding.translator import translate
+from transformer.model import Transformer
+from transformer.runtime import tune_process_for
+from transformer.training.budget import Clock, Position, StopRequested, stop_reason
+from transformer.training.distributed import Ranks, launch_rank, restore_rng, rng_states, run_device
+from transformer.training.loss import TranslationLoss
+from transformer.training.run_data import prepare_data, training_data_fingerprint
+from transformer.training.run_folder import (
+    MetricsLog,
+    ProgressLog,
+    RunLog,
+    check_run_paths,
+    claim_run_folder,
+    held_run_folder,
 )
-from .run_lock import RunLock, RunLockedError
-from .run_state import Run, TrainingError, close_finished, finish, finished_before, start_run
-from .runtime import tune_process_for
-from .short_budget import resolve_short_budget
-from .step import (  # noqa: F401
-    autocast, backward, grad_scaler, learning_rate, optimizer_step, run_precision, seconds_per_step,
-)
-from .tokenizer import PAD_ID, Tokenizer, copy_tokenizers
-from .training_data import prepare_data, training_data_fingerprint
-from .translator import translate
+from transformer.training.run_lock import RunLock, RunLockedError
+from transformer.training.run_state import Run, TrainingError, close_finished, finish, finished_before, start_run
+from transformer.training.short_budget import resolve_short_budget
+from transformer.training.step import autocast, backward, grad_scaler, learning_rate, optimizer_step, seconds_per_step
 
 log = logging.getLogger("transformer.train")
 

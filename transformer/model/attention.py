@@ -51,7 +51,7 @@ class InputProjection(nn.Linear):
 
     Self-attention applies all 3D rows in one matrix multiplication (`forward`); cross-attention
     applies the W^Q rows to the queries (`query`) and the W^K, W^V rows to the memory (`memory`).
-    Naming the two halves lets an inference-only replacement (e.g. `transformer.quantize`) provide
+    Naming the two halves lets an inference-only replacement (e.g. `transformer.decoding.quantize`) provide
     them without slicing a weight.
 
     Args:

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .config import TrainConfig
+from transformer.config import TrainConfig
 
 
 @dataclass

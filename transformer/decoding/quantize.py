@@ -32,10 +32,9 @@ from torch.ao.nn.intrinsic.quantized.dynamic import LinearReLU as DynamicInt8Lin
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
-from .model import Transformer
-from .model.attention import InputProjection
-from .model.layers import ACTIVATIONS, FeedForward
-
+from transformer.model import Transformer
+from transformer.model.attention import InputProjection
+from transformer.model.layers import ACTIVATIONS, FeedForward
 
 # The quantized engine for the output projection onto the vocabulary: on a wide layer oneDNN's
 # int8 kernel is faster than fbgemm's (1.4x on 256 -> 8,000), but it builds a kernel for every new

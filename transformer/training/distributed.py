@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .config import ConfigError, TrainConfig
-from .runtime import resolve_device
+from transformer.config import ConfigError, TrainConfig
+from transformer.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ not grow with the corpus. Then:
 2. SentencePiece is trained once, on ``tokenizer.sample_size`` pairs drawn with a fixed seed
    (reservoir sampling, so only the sample is held), through the tokenizer cache;
 3. worker processes encode chunks; empty pairs and pairs over ``data.max_len`` tokens are dropped as
-   :func:`transformer.data.encode_pairs` drops them, and the ids are appended to flat arrays on disk
-   (the layout is in :mod:`transformer.prepared`) with a manifest fingerprinting inputs and settings.
+   :func:`transformer.data.batches.encode_pairs` drops them, and the ids are appended to flat arrays on disk
+   (the layout is in :mod:`transformer.data.prepared`) with a manifest fingerprinting inputs and settings.
 
 Everything is written into a temporary sibling folder that is renamed into place at the end, so an
 interrupted prepare leaves nothing that training would pick up; the next prepare deletes what a
@@ -48,12 +48,19 @@ import sentencepiece as spm
 
 from transformer.atomic import WriteError, check_not_an_input, remove_stale_staging_folders, staging_folder
 from transformer.config import Config, ConfigError, DataConfig, load_config
-from transformer.data import DataError, _local_file
-from transformer.prepared import (
-    FORMAT_VERSION, MANIFEST, SIDES, PreparedData, damaged_file, file_sha256, open_prepared, read_manifest,
+from transformer.data.batches import DataError, _local_file
+from transformer.data.prepared import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SIDES,
+    PreparedData,
+    damaged_file,
+    file_sha256,
+    open_prepared,
+    read_manifest,
     settings_difference,
 )
-from transformer.tokenizer import SAMPLE_SEED, Tokenizer, copy_tokenizers, load_or_train_tokenizers, sample_pairs
+from transformer.data.tokenizer import SAMPLE_SEED, Tokenizer, copy_tokenizers, load_or_train_tokenizers, sample_pairs
 
 # The errors of a write that the disk refused, as opposed to a failure of the work itself.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO}
@@ -73,7 +80,7 @@ STAGING_KINDS = ("tmp", "old")
 
 def _file_blocks(path: Path, block_bytes: int = 1 << 24) -> Iterator[list[str]]:
     """Stripped lines of a UTF-8 (optionally gzip) file, split on ``\\n`` only as
-    :func:`transformer.data.read_lines` splits them, in blocks of about ``block_bytes``.
+    :func:`transformer.data.batches.read_lines` splits them, in blocks of about ``block_bytes``.
 
     Whole blocks are decoded and split at once: per-line reads cost more than the rest of a prepare.
     """
@@ -168,7 +175,7 @@ def _hub_chunks(cfg: DataConfig, ds: Any, size: int) -> Iterator[Chunk]:
 class Corpus:
     """The training split named by a data config, readable as chunks any number of times.
 
-    Local files in ``cfg.local_dir`` win when that folder exists, as in :func:`transformer.data.load_split`.
+    Local files in ``cfg.local_dir`` win when that folder exists, as in :func:`transformer.data.batches.load_split`.
     """
 
     def __init__(self, cfg: DataConfig) -> None:
@@ -396,6 +403,53 @@ def _train_tokenizers(cfg: Config, corpus: Corpus) -> tuple[str, str]:
     return str(src_tok.path), str(tgt_tok.path)
 
 
+def _encode(corpus: Corpus, d: DataConfig, tmp: Path, worker_args: tuple, n_workers: int,
+            counts: collections.Counter) -> tuple[dict[str, Any], dict[str, list[np.ndarray]]]:
+    """Clean, deduplicate and encode the corpus chunk by chunk into ``tmp/train.{src,tgt}.bin``, in corpus order.
+
+    Returns:
+        Each written file's size and hash by name, and each side's per-chunk arrays of sentence lengths.
+    """
+    writers = {side: _HashedWriter(tmp / f"train.{side}.bin") for side in SIDES}
+    lengths: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
+    seen: set[bytes] = set()
+
+    def write(result: tuple[list[np.ndarray], list[np.ndarray], collections.Counter]) -> None:
+        flats, lens, chunk_counts = result
+        for side, flat, side_lens in zip(SIDES, flats, lens):
+            writers[side].write(flat)
+            lengths[side].append(side_lens)
+        counts.update(chunk_counts)
+
+    # fork: the workers need only SentencePiece and numpy, and start in milliseconds.
+    with multiprocessing.get_context("fork").Pool(
+            n_workers, initializer=_init_worker, initargs=worker_args) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in corpus.chunks():
+            if d.dedup:
+                before = len(chunk[0])
+                chunk = _dedup(chunk, seen, counts)
+                counts["read"] += before - len(chunk[0])  # the worker counts the rest
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            while len(pending) > 2 * n_workers:  # a bounded number of chunks in flight
+                write(pending.popleft().get())
+        while pending:
+            write(pending.popleft().get())
+    return {f"train.{side}.bin": writers[side].close() for side in SIDES}, lengths
+
+
+def _write_index(tmp: Path, lengths: dict[str, list[np.ndarray]], files: dict[str, Any], extra: list[str]) -> None:
+    """Write each side's lengths and offsets, and add them and ``extra`` files to ``files`` (size, sha256)."""
+    for side in SIDES:
+        side_lens = np.concatenate(lengths[side])
+        offsets = np.zeros(len(side_lens) + 1, dtype=np.int64)
+        np.cumsum(side_lens, out=offsets[1:])
+        np.save(tmp / f"train.{side}.len.npy", side_lens)
+        np.save(tmp / f"train.{side}.idx.npy", offsets)
+    for name in [f"train.{side}.{kind}.npy" for side in SIDES for kind in ("len", "idx")] + extra:
+        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
+
+
 def prepare(cfg: Config, workers: int | None = None) -> Path:
     """Build ``cfg.data.prepared_dir`` from the training split: sample, tokenizer, ids, manifest.
 
@@ -440,47 +494,13 @@ def prepare(cfg: Config, workers: int | None = None) -> Path:
 
         # 2. clean, deduplicate and encode chunk by chunk; the writes keep corpus order
         encode_start = time.perf_counter()
-        writers = {side: _HashedWriter(tmp / f"train.{side}.bin") for side in SIDES}
-        lengths: dict[str, list[np.ndarray]] = {side: [] for side in SIDES}
         n_workers = workers or d.prepare_workers or min(4, os.cpu_count() or 1)
-        seen: set[bytes] = set()
-
-        def write(result: tuple[list[np.ndarray], list[np.ndarray], collections.Counter]) -> None:
-            flats, lens, chunk_counts = result
-            for side, flat, side_lens in zip(SIDES, flats, lens):
-                writers[side].write(flat)
-                lengths[side].append(side_lens)
-            counts.update(chunk_counts)
-
-        # fork: the workers need only SentencePiece and numpy, and start in milliseconds.
-        with multiprocessing.get_context("fork").Pool(
-                n_workers, initializer=_init_worker, initargs=(model_paths, d.max_len, rule, dtype)) as pool:
-            pending: collections.deque = collections.deque()
-            for chunk in corpus.chunks():
-                if d.dedup:
-                    before = len(chunk[0])
-                    chunk = _dedup(chunk, seen, counts)
-                    counts["read"] += before - len(chunk[0])  # the worker counts the rest
-                pending.append(pool.apply_async(_encode_chunk, (chunk,)))
-                while len(pending) > 2 * n_workers:  # a bounded number of chunks in flight
-                    write(pending.popleft().get())
-            while pending:
-                write(pending.popleft().get())
-        del seen
-
-        files = {f"train.{side}.bin": writers[side].close() for side in SIDES}
+        files, lengths = _encode(corpus, d, tmp, (model_paths, d.max_len, rule, dtype), n_workers, counts)
         n_pairs = counts["kept"]
         if n_pairs == 0:
             raise DataError(f"{origin}: no training pair left after "
                             f"filtering ({dict(counts)})")
-        for side in SIDES:
-            side_lens = np.concatenate(lengths[side])
-            offsets = np.zeros(len(side_lens) + 1, dtype=np.int64)
-            np.cumsum(side_lens, out=offsets[1:])
-            np.save(tmp / f"train.{side}.len.npy", side_lens)
-            np.save(tmp / f"train.{side}.idx.npy", offsets)
-        for name in [f"train.{side}.{kind}.npy" for side in SIDES for kind in ("len", "idx")] + sorted(set(tokenizer_paths.values())):
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
+        _write_index(tmp, lengths, files, sorted(set(tokenizer_paths.values())))
         seconds = time.perf_counter() - start
         peak_self, peak_child = _peak_rss_mib()
         manifest = {

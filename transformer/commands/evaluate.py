@@ -21,13 +21,13 @@ from sacrebleu.metrics import BLEU, CHRF
 from transformer.atomic import check_not_an_input
 from transformer.bleu import FLAVOUR_LABELS, STANDARD_LABEL, tokenized_bleu
 from transformer.checkpoint import CheckpointError
+from transformer.commands.options import add_model_arguments, add_rerank_arguments, load_engine, model_inputs, prepare
 from transformer.config import DecodeConfig
-from transformer.data import DataError, local_split_files, read_lines, load_split
-from transformer.cli import add_model_arguments, add_rerank_arguments, load_engine, model_inputs, prepare
-from transformer.engine import best
+from transformer.data.batches import DataError, load_split, local_split_files, read_lines
+from transformer.decoding.engine import best
 
 if TYPE_CHECKING:
-    from transformer.engine import Engine
+    from transformer.decoding.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def evaluate(
     """Translate `src_texts` and score the translations against `ref_texts`.
 
     Args:
-        engine: what translates, e.g. `transformer.translator.TorchEngine` or `transformer.cli.load_engine`'s.
+        engine: what translates, e.g. `transformer.decoding.translator.TorchEngine` or `transformer.commands.options.load_engine`'s.
         src_texts: source sentences.
         ref_texts: one reference translation per source sentence.
         settings: the decode settings (None: the defaults); the best of each n-best list is scored.

@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .atomic import pid_running
+from transformer.atomic import pid_running
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 `TorchEngine` tokenizes, sorts the sources by length and cuts them into batches under a token
 budget, so that little compute goes to padding, searches each batch (greedy for a beam of 1, beam
 search otherwise) and returns the n-best lists in input order. `RerankingEngine` is the same search
-whose beam candidates a reverse-direction model rescores (`transformer.rerank`). Both are
-`transformer.engine.Engine`s, called with one `DecodeConfig`; `translate_ids` and `translate` take
+whose beam candidates a reverse-direction model rescores (`transformer.decoding.rerank`). Both are
+`transformer.decoding.engine.Engine`s, called with one `DecodeConfig`; `translate_ids` and `translate` take
 the settings as separate arguments and return the best output of each source.
 """
 
@@ -15,18 +15,18 @@ from typing import Sequence
 import torch
 
 from transformer.config import DecodeConfig
-from transformer.data import make_batches
-from transformer.engine import Engine, best, source_ids
+from transformer.data.batches import make_batches
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from transformer.decoding.engine import Engine, best, source_ids
+from transformer.decoding.rerank import ChannelReranker, rerank_candidates
+from transformer.decoding.search import Hypothesis, beam_search, greedy_search, position_limit
 from transformer.model import Transformer
-from transformer.rerank import ChannelReranker, rerank_candidates
-from transformer.search import Hypothesis, beam_search, greedy_search, position_limit
-from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 __all__ = ["RerankingEngine", "TorchEngine", "source_ids", "translate", "translate_ids"]
 
 
 class TorchEngine(Engine):
-    """This package's search (`transformer.search`) over a `Transformer` or its int8 copy.
+    """This package's search (`transformer.decoding.search`) over a `Transformer` or its int8 copy.
 
     Args:
         model: the translation model, in eval mode, in the precision to decode in.
@@ -92,7 +92,7 @@ class TorchEngine(Engine):
 
 class RerankingEngine(TorchEngine):
     """`TorchEngine` whose beam keeps all `beam_size` finished candidates, which a reverse-direction
-    model then ranks by the noisy-channel score (`transformer.rerank`, weight `settings.rerank_weight`).
+    model then ranks by the noisy-channel score (`transformer.decoding.rerank`, weight `settings.rerank_weight`).
     Each batch of the search is reranked as a whole, under the same token budget.
 
     Args:
@@ -160,7 +160,7 @@ def translate_ids(
         sources: source ids per sentence (e.g. from `source_ids`); an empty one gives an empty output.
         beam_size: hypotheses kept per sentence; 1 = greedy search.
         length_penalty: alpha of the length penalty (beam search only).
-        max_len_a, max_len_b: maximum output length a * source length + b (see `transformer.search`).
+        max_len_a, max_len_b: maximum output length a * source length + b (see `transformer.decoding.search`).
         batch_tokens: padded source tokens per batch (a longer sentence gets a batch of its own).
         device: where to run; the model must be there already. None: the model's device.
         use_cache: decode incrementally with the key/value cache (False recomputes every prefix:

@@ -18,7 +18,7 @@ states are ours permuted by P and whose logits are ours.
 
 The Hugging Face folder is written by `MarianMTModel.save_pretrained` (safetensors) and
 `MarianTokenizer.save_pretrained`, so it loads with no code from this package; the CTranslate2
-model is converted from that folder by CTranslate2's own converter (see `transformer.ctranslate2_engine`).
+model is converted from that folder by CTranslate2's own converter (see `transformer.decoding.ctranslate2_engine`).
 Everything is written into a temporary folder beside DIR and renamed into place at the end, so an
 error leaves no half-written DIR behind; the next export deletes the ones that killed exports left
 (each names its process).
@@ -40,12 +40,12 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from .atomic import check_not_an_input, remove_stale_staging_folders, staging_folder
-from .checkpoint import CheckpointError, LoadedModel, load_model
-from .config import Config, config_to_dict, finite_float
-from .model import Transformer
-from .model.positional import sinusoidal_table
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from transformer.atomic import check_not_an_input, remove_stale_staging_folders, staging_folder
+from transformer.checkpoint import CheckpointError, LoadedModel, load_model
+from transformer.config import Config, config_to_dict, finite_float
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from transformer.model import Transformer
+from transformer.model.positional import sinusoidal_table
 
 logger = logging.getLogger(__name__)
 
@@ -377,7 +377,7 @@ def export(
         hf_dir.mkdir()
         write_hf(loaded, hf_dir, checkpoints, length_penalty)
         if fmt == "ctranslate2":
-            from .ctranslate2_engine import convert_marian
+            from transformer.decoding.ctranslate2_engine import convert_marian
 
             convert_marian(hf_dir, staging / "out", quantization)
             pieces = [loaded.src_tokenizer.id_to_piece(i) for i in range(loaded.src_tokenizer.vocab_size)]

@@ -10,12 +10,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import checkpoint_tokenizers
-from .config import Config
-from .data import DataError, ParallelData, encode_pairs, load_split
-from .prepare import Corpus, corpus_change, ensure_prepared
-from .prepared import PreparedData
-from .tokenizer import Tokenizer, load_or_train_tokenizers, sample_pairs
+from transformer.checkpoint import checkpoint_tokenizers
+from transformer.config import Config
+from transformer.data.batches import DataError, ParallelData, encode_pairs, load_split
+from transformer.data.prepare import Corpus, corpus_change, ensure_prepared
+from transformer.data.prepared import PreparedData
+from transformer.data.tokenizer import Tokenizer, load_or_train_tokenizers, sample_pairs
 
 log = logging.getLogger(__name__)
 

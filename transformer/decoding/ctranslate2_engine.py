@@ -6,7 +6,7 @@ from the padding token, whose embedding is zero), while ours starts from the BOS
 converted model therefore starts from the token `MarianConfig.decoder_start_token_id` names, as
 Hugging Face's `MarianMTModel` does.
 
-`CTranslate2Model` is a `transformer.engine.Engine`: it takes our token ids and returns them, so
+`CTranslate2Model` is a `transformer.decoding.engine.Engine`: it takes our token ids and returns them, so
 the decoding commands run it exactly as they run our model (same tokenization, batching and BLEU).
 """
 
@@ -23,12 +23,12 @@ import torch
 import transformers
 from ctranslate2.converters import TransformersConverter
 
-from .checkpoint import CheckpointError
-from .config import Config, ConfigError, DecodeConfig, load_config
-from .data import make_batches
-from .engine import Engine
-from .search import Hypothesis
-from .tokenizer import BOS_ID, PAD_ID, Tokenizer
+from transformer.checkpoint import CheckpointError
+from transformer.config import Config, ConfigError, DecodeConfig, load_config
+from transformer.data.batches import make_batches
+from transformer.data.tokenizer import BOS_ID, PAD_ID, Tokenizer
+from transformer.decoding.engine import Engine
+from transformer.decoding.search import Hypothesis
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class _MarianConverter(TransformersConverter):
 
 
 def convert_marian(hf_dir: Path, output: Path, quantization: str = "float32") -> None:
-    """Convert a Hugging Face Marian folder written by `transformer.export` to a CTranslate2 model.
+    """Convert a Hugging Face Marian folder written by `transformer.commands.export` to a CTranslate2 model.
 
     Args:
         hf_dir: the exported Hugging Face folder.
@@ -143,9 +143,9 @@ class CTranslate2Model(Engine):
         """The best output ids of each source (`search` with these settings).
 
         Args:
-            sources: id sequences, each ending with EOS (as `transformer.engine.source_ids` makes them).
+            sources: id sequences, each ending with EOS (as `transformer.decoding.engine.source_ids` makes them).
             length_penalty: CTranslate2's: score = log p / length^length_penalty.
-            Others: see `transformer.translator.translate_ids`.
+            Others: see `transformer.decoding.translator.translate_ids`.
 
         Returns:
             Output ids per source, without start token and EOS, in input order.

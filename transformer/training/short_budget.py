@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from .config import Config
+from transformer.config import Config
 
 log = logging.getLogger(__name__)
 

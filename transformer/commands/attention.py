@@ -25,10 +25,10 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from transformer.atomic import check_not_an_input
+from transformer.commands.options import add_model_arguments, load_for_decoding, model_inputs, prepare
 from transformer.config import bounded_int
-from transformer.tokenizer import BOS_ID
-from transformer.cli import add_model_arguments, load_for_decoding, model_inputs, prepare
-from transformer.translator import TorchEngine, source_ids
+from transformer.data.tokenizer import BOS_ID
+from transformer.decoding.translator import TorchEngine, source_ids
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ beam's K finished candidates gets
 
     score(y) = log p(y | x) / lp(|y|) + weight * log p(x | y) / |x|
 
-the first term being the beam's own length-normalised score (`transformer.search`; |y| counts the
+the first term being the beam's own length-normalised score (`transformer.decoding.search`; |y| counts the
 EOS), the second the reverse model's teacher-forced log-probability of the source ids (EOS
 included) given the candidate, per source token; the best is kept. The reverse model must
 tokenize as the forward model does, with the sides swapped; the two directions' models of one
@@ -25,10 +25,10 @@ from typing import Sequence
 import torch
 
 from transformer.config import DecodeConfig
-from transformer.data import ParallelData, collate, make_batches
+from transformer.data.batches import ParallelData, collate, make_batches
+from transformer.data.tokenizer import EOS_ID, PAD_ID
+from transformer.decoding.search import Hypothesis, position_limit
 from transformer.model import Transformer
-from transformer.search import Hypothesis, position_limit
-from transformer.tokenizer import EOS_ID, PAD_ID
 
 logger = logging.getLogger(__name__)
 

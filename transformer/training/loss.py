@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .model import TokenLayout, Transformer
-from .tokenizer import PAD_ID
+from transformer.data.tokenizer import PAD_ID
+from transformer.model import TokenLayout, Transformer
 
 
 def rows_found_on_host(device: torch.device) -> bool:

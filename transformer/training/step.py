@@ -19,16 +19,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .budget import Position, budget_used
-from .config import Config, ConfigError
-from .data import Batch, ParallelData, collate
-from .distributed import Ranks
-from .loss import TranslationLoss
-from .model import Transformer
-from .precision import ProbeShape, choose_precision
-from .prepared import PreparedData
-from .schedule import cooldown_factor, noam_lr
-from .tokenizer import PAD_ID
+from transformer.config import Config, ConfigError
+from transformer.data.batches import Batch, ParallelData, collate
+from transformer.data.prepared import PreparedData
+from transformer.data.tokenizer import PAD_ID
+from transformer.model import Transformer
+from transformer.precision import ProbeShape, choose_precision
+from transformer.training.budget import Position, budget_used
+from transformer.training.distributed import Ranks
+from transformer.training.loss import TranslationLoss
+from transformer.training.schedule import cooldown_factor, noam_lr
 
 # Steps timed (after two untimed ones) where train.short_budget=auto projects a run's steps.
 TIMED_STEPS = 8

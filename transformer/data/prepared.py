@@ -1,6 +1,6 @@
 """Training data prepared on disk: token ids as flat memory-mapped arrays, read without copying.
 
-A prepared folder (written by :mod:`transformer.prepare`) holds, for the training split:
+A prepared folder (written by :mod:`transformer.data.prepare`) holds, for the training split:
 
 - ``train.src.bin`` / ``train.tgt.bin``: every kept pair's subword ids back to back, without
   BOS/EOS, as raw little-endian ``uint16`` (vocabularies up to 65,536) or ``int32``;
@@ -25,8 +25,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from transformer.data import DataError
-from transformer.tokenizer import EOS_ID, Tokenizer, load_tokenizers
+from transformer.data.batches import DataError
+from transformer.data.tokenizer import EOS_ID, Tokenizer, load_tokenizers
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,9 @@ class _Rows(Sequence[list[int]]):
 class PreparedData:
     """The training pairs of a prepared folder, memory-mapped.
 
-    It reads like :class:`transformer.data.ParallelData` where training needs it: ``src[i]`` ends
+    It reads like :class:`transformer.data.batches.ParallelData` where training needs it: ``src[i]`` ends
     with EOS, ``tgt[i]`` has no BOS/EOS, and ``src_lens``/``tgt_lens`` are the padded lengths, so
-    :func:`transformer.data.bucket_batches` and :func:`transformer.data.collate` take it unchanged.
+    :func:`transformer.data.batches.bucket_batches` and :func:`transformer.data.batches.collate` take it unchanged.
 
     Attributes:
         folder: the prepared folder.

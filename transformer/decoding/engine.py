@@ -1,8 +1,8 @@
 """The decoding engine interface: sentences or ids in, n-best lists with scores out.
 
-Every way this package decodes (this package's search in `transformer.translator.TorchEngine`,
-noisy-channel reranking in `transformer.rerank.RerankingEngine`, CTranslate2 in
-`transformer.ctranslate2_engine.CTranslate2Model`) is an `Engine`, and its callers (the decoding
+Every way this package decodes (this package's search in `transformer.decoding.translator.TorchEngine`,
+noisy-channel reranking in `transformer.decoding.rerank.RerankingEngine`, CTranslate2 in
+`transformer.decoding.ctranslate2_engine.CTranslate2Model`) is an `Engine`, and its callers (the decoding
 commands, validation during training, attention plots) call `translate` or `search` with one
 `DecodeConfig` and never ask which engine they hold. An engine holds what it was built with (a
 model, its tokenizers, a device); the settings of a call travel whole in the `DecodeConfig`.
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from transformer.config import DecodeConfig
-from transformer.search import Hypothesis
-from transformer.tokenizer import EOS_ID, Tokenizer
+from transformer.data.tokenizer import EOS_ID, Tokenizer
+from transformer.decoding.search import Hypothesis
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from transformer.config import DataConfig
-from transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -18,22 +18,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from .budget import Clock, Position, stop_reason
-from .checkpoint import CheckpointError, checkpoint_config, load_resume_checkpoint, resume_changes, run_checkpoints
-from .config import Config, ConfigError, TrainConfig
-from .data import BatchSampler, ParallelData
-from .distributed import Ranks, init_ranks, launch_rank, rng_states, run_device
-from .loss import TranslationLoss
-from .model import Transformer
-from .plot import plot_metrics
-from .prepared import PreparedData
-from .run_folder import ProgressLog, RunLog, checkpoint_state, claim_run_folder, final_of_step, save_step, write_final
-from .run_lock import RunLock
-from .runtime import use_tf32
-from .short_budget import resolve_short_budget
-from .step import autocast, run_precision
-from .tokenizer import Tokenizer
-from .training_data import resumed_data_fingerprint
+from transformer.checkpoint import (
+    CheckpointError,
+    checkpoint_config,
+    load_resume_checkpoint,
+    resume_changes,
+    run_checkpoints,
+)
+from transformer.config import Config, ConfigError, TrainConfig
+from transformer.data.batches import BatchSampler, ParallelData
+from transformer.data.prepared import PreparedData
+from transformer.data.tokenizer import Tokenizer
+from transformer.model import Transformer
+from transformer.runtime import use_tf32
+from transformer.training.budget import Clock, Position, stop_reason
+from transformer.training.distributed import Ranks, init_ranks, launch_rank, rng_states, run_device
+from transformer.training.loss import TranslationLoss
+from transformer.training.plot import plot_metrics
+from transformer.training.run_data import resumed_data_fingerprint
+from transformer.training.run_folder import (
+    ProgressLog,
+    RunLog,
+    checkpoint_state,
+    claim_run_folder,
+    final_of_step,
+    save_step,
+    write_final,
+)
+from transformer.training.run_lock import RunLock
+from transformer.training.short_budget import resolve_short_budget
+from transformer.training.step import autocast, run_precision
 
 log = logging.getLogger(__name__)
 

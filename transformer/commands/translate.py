@@ -22,9 +22,9 @@ from typing import BinaryIO, Iterator, Sequence
 
 from transformer.atomic import check_not_an_input
 from transformer.checkpoint import CheckpointError
-from transformer.cli import add_model_arguments, add_rerank_arguments, load_engine, model_inputs, prepare
+from transformer.commands.options import add_model_arguments, add_rerank_arguments, load_engine, model_inputs, prepare
 from transformer.config import DecodeConfig
-from transformer.engine import Engine, best
+from transformer.decoding.engine import Engine, best
 
 logger = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, LoadedModel, load_model
-from .config import Config, DecodeConfig, bounded_int, finite_float
-from .engine import Engine
-from .quantize import quantize_int8
-from .precision import ProbeShape, choose_precision
-from .rerank import ChannelReranker
-from .runtime import PRECISION_DTYPES, resolve_device, tune_process_for
-from .translator import RerankingEngine, TorchEngine
+from transformer.checkpoint import CheckpointError, LoadedModel, load_model
+from transformer.config import Config, DecodeConfig, bounded_int, finite_float
+from transformer.decoding.engine import Engine
+from transformer.decoding.quantize import quantize_int8
+from transformer.decoding.rerank import ChannelReranker
+from transformer.decoding.translator import RerankingEngine, TorchEngine
+from transformer.precision import ProbeShape, choose_precision
+from transformer.runtime import PRECISION_DTYPES, resolve_device, tune_process_for
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def load_reranker(
 def _load_ctranslate2(args: argparse.Namespace) -> tuple[Engine, Config, DecodeConfig]:
     """Load an exported CTranslate2 folder; its length penalty is the export's unless --alpha is given."""
     try:
-        from .ctranslate2_engine import load_ctranslate2
+        from transformer.decoding.ctranslate2_engine import load_ctranslate2
     except ImportError:
         raise CheckpointError("--engine ctranslate2 needs the ctranslate2 package: pip install 'transformer[export]'") from None
     model, config, length_penalty = load_ctranslate2(args.checkpoint[-1], args.precision)

@@ -31,15 +31,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .atomic import WriteError, atomic_write_bytes, check_not_an_input, remove_stale_temp_files
-from .budget import Position
-from .checkpoint import (
-    CheckpointError, load_checkpoint, run_checkpoints, save_averaged, save_checkpoint, tokenizer_state,
+from transformer.atomic import WriteError, atomic_write_bytes, check_not_an_input, remove_stale_temp_files
+from transformer.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    run_checkpoints,
+    save_averaged,
+    save_checkpoint,
+    tokenizer_state,
 )
-from .config import Config, config_to_dict
-from .data import local_split_files
-from .run_lock import LOCK_NAME, RunLock
-from .tokenizer import Tokenizer
+from transformer.config import Config, config_to_dict
+from transformer.data.batches import local_split_files
+from transformer.data.tokenizer import Tokenizer
+from transformer.training.budget import Position
+from transformer.training.run_lock import LOCK_NAME, RunLock
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Text to token ids: the SentencePiece tokenizer, batches of similar length, and the prepared (binarized) corpus."""
