@@ -10,12 +10,14 @@ import contextlib
 import json
 import logging
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -121,6 +123,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(args: list[str], log: Path) -> Iterator[str]:
+    """A real `transformer-serve ARGS --port 0` process, its output in `log`: yields its base URL
+    (http://127.0.0.1:PORT/) once it listens, and stops it with SIGINT at the end."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "transformer.commands.serve", *args, "--port", "0"],
+                                   cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (listening := re.search(r"serving on (http://\S+/)", log.read_text(encoding="utf-8"))):
+            assert process.poll() is None, f"transformer-serve exited with {process.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"transformer-serve did not start:\n{log.read_text()}"
+            time.sleep(0.05)
+        yield listening.group(1)
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def step_of(path: Path) -> int:

@@ -19,7 +19,7 @@ LAYERS = [
     {"transformer.checkpoint"},
     {"transformer.training", "transformer.decoding"},
     {"transformer.train"},
-    {"transformer.commands"},
+    {"transformer.commands", "transformer.serve"},
 ]
 
 

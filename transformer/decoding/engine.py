@@ -104,8 +104,11 @@ class Engine(ABC):
             first_line: line number of `sentences[0]` in warnings (for callers that stream a file).
         """
         sources = source_ids(self.src_tokenizer, sentences, self.max_src_len, first_line)
-        return [[Candidate(self.tgt_tokenizer.decode(h.tokens), h.score) for h in found]
-                for found in self.search(sources, settings)]
+        return self.candidates(self.search(sources, settings))
+
+    def candidates(self, found: Sequence[Sequence[Hypothesis]]) -> list[list[Candidate]]:
+        """The n-best lists of `search` as text: each hypothesis detokenized, with its score."""
+        return [[Candidate(self.tgt_tokenizer.decode(h.tokens), h.score) for h in hypotheses] for hypotheses in found]
 
 
 def best(candidates: Sequence[Sequence[Candidate]]) -> list[str]:
