@@ -1,7 +1,9 @@
-"""The same code on every available device: the CPU always, and CUDA where there is a GPU.
+"""The same code on every device: the CPU always, and CUDA where there is a GPU.
 
-Each test takes the `device` fixture (or a parameter list built from `DEVICES`), so a CPU-only
-machine runs every test on the CPU and skips none, and a GPU machine runs them on both. Checks:
+Each test takes the `device` fixture (or a parameter list built from `DEVICES`), so a GPU machine
+runs them on both. On a machine without a GPU every CUDA case is reported as skipped, with the
+reason "no CUDA GPU on this machine: not run" (`pytest -rs` lists them), and the CPU cases run.
+Checks:
 
 * the full Transformer's forward pass, input and parameter gradients, and `TranslationLoss`, in
   float64 on the device against the same weights on the CPU, whose short attention takes the
@@ -11,7 +13,10 @@ machine runs every test on the CPU and skips none, and a GPU machine runs them o
 * beam and greedy search with and without the key/value cache, against each other and the CPU;
 * noisy-channel reranking: the reverse model's scores and the reranked choices, against the CPU;
 * one short training run per device and precision through `transformer-train`'s entry point, and
-  its checkpoint loaded back with `transformer.checkpoint.load_model` and used on the device.
+  its checkpoint loaded back with `transformer.checkpoint.load_model` and used on the device;
+* on CUDA, the synchronisations a training step makes (`torch.cuda.set_sync_debug_mode`), counted
+  per step in each precision: one, the read that decides the update;
+* with two GPUs, a data-parallel step of two processes over NCCL, counted inside each rank.
 """
 
 from __future__ import annotations
@@ -20,11 +25,23 @@ import copy
 import json
 import logging
 import math
+import os
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CONFIG, MAX_STEPS, overrides, process_state_kept, random_model, random_source
+from helpers import (
+    CONFIG,
+    MAX_STEPS,
+    ROOT,
+    free_port,
+    overrides,
+    process_state_kept,
+    random_model,
+    random_source,
+    run_module,
+)
 
 import transformer.model.attention as attention_module
 from transformer.checkpoint import load_checkpoint, load_model, run_checkpoints
@@ -35,12 +52,16 @@ from transformer.decoding.search import beam_search, greedy_search
 from transformer.decoding.translator import translate, translate_ids
 from transformer.model import Dropout, Transformer
 from transformer.train import main as train_main
+from transformer.train import train
 from transformer.training.loss import TranslationLoss
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CUDA_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+NO_CUDA = pytest.mark.skipif(CUDA_GPUS == 0, reason="no CUDA GPU on this machine: not run")
+NO_TWO_GPUS = pytest.mark.skipif(CUDA_GPUS < 2, reason=f"needs two CUDA GPUs, this machine has {CUDA_GPUS}: not run")
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=NO_CUDA)]
 # fp16 needs CUDA (GradScaler); bf16 on a CPU without native bf16 is only slow, so it runs on CUDA only.
-RUNS = [(device, precision) for device in DEVICES
-        for precision in (("fp32", "bf16", "fp16") if device == "cuda" else ("fp32",))]
+RUNS = [pytest.param("cpu", "fp32", id="cpu-fp32")] + [
+    pytest.param("cuda", precision, id=f"cuda-{precision}", marks=NO_CUDA) for precision in ("fp32", "bf16", "fp16")]
 
 VOCAB = 40
 TIGHT = dict(rtol=1e-10, atol=1e-10)  # float64 on both sides: only summation order may differ
@@ -261,7 +282,7 @@ def test_noisy_channel_reranking_on_device_matches_the_cpu(device):
 # 4. Training through the command-line entry point
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device, precision", RUNS, ids=[f"{d}-{p}" for d, p in RUNS])
+@pytest.mark.parametrize("device, precision", RUNS)
 def test_a_training_run_on_device_learns_saves_and_loads_back(device, precision, corpus, tmp_path, caplog):
     run_dir = tmp_path / "run"
     caplog.set_level(logging.INFO, logger="transformer.train")
@@ -291,7 +312,8 @@ def test_a_training_run_on_device_learns_saves_and_loads_back(device, precision,
     assert all(t.device.type == "cpu" and torch.isfinite(t).all() for t in state["model"].values()
                if t.is_floating_point())
     assert (state["scaler"] is not None) == (precision == "fp16")  # GradScaler only for fp16
-    assert ("cuda" in state["rng"][0]) == torch.cuda.is_available()  # CUDA dropout masks resume exactly too
+    # A CUDA run keeps the GPU's generator (its dropout masks resume exactly too); a CPU run never touches CUDA.
+    assert ("cuda" in state["rng"][0]) == (device == "cuda")
 
     loaded = load_model([run_dir / "checkpoints" / "final.pt"], device)
     assert loaded.config.train.device == device and loaded.config.train.precision == precision
@@ -301,3 +323,59 @@ def test_a_training_run_on_device_learns_saves_and_loads_back(device, precision,
     outputs = translate(loaded.model, loaded.src_tokenizer, loaded.tgt_tokenizer, sentences, beam_size=2,
                         max_len_b=5, device=device)
     assert len(outputs) == len(sentences) and all(isinstance(o, str) for o in outputs) and outputs[-1] == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Synchronisations of a CUDA training step, and two processes over NCCL
+# ---------------------------------------------------------------------------------------------
+
+def synchronisations(corpus, run_dir, steps: int, precision: str) -> list[str]:
+    """Where the synchronising CUDA calls of a `steps`-step run were made (`torch.cuda.set_sync_debug_mode`)."""
+    cfg = load_config(CONFIG, overrides(corpus, run_dir / str(steps), train_device="cuda", train_precision=precision,
+                                        train_max_steps=steps, train_eval_every=1000, train_save_every=1000,
+                                        train_eval_bleu_sentences=0, train_average_last=1, train_log_every=1))
+    with warnings.catch_warnings(record=True) as caught, process_state_kept():
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train(cfg)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)]
+
+
+@NO_CUDA
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_a_cuda_training_step_synchronises_once(precision, corpus, tmp_path):
+    """Runs of 2 and 5 steps: start-up, the final validation and the checkpoints are the same in both,
+    so the difference is three steps' synchronisations. One per step is left: the read of the
+    step's loss and gradient norm that decides the update."""
+    short, long = (synchronisations(corpus, tmp_path, steps, precision) for steps in (2, 5))
+    per_step = (len(long) - len(short)) / 3
+    extra = sorted(set(long) - set(short)) or sorted(set(long))
+    assert per_step == 1, f"{per_step} synchronisations per step; made at {extra[:10]}"
+
+
+@NO_TWO_GPUS
+def test_two_processes_train_data_parallel_over_nccl(corpus, tmp_path):
+    """Two ranks on cuda:0 and cuda:1 (NCCL for the gradients and the step's sum, gloo for host
+    numbers), counted inside each rank (tests/multinode_worker.py): each plain step reads the device
+    once and runs one collective of each kind."""
+    record_dir = tmp_path / "record"
+    record_dir.mkdir()
+    precision = "bf16" if torch.cuda.get_device_capability(0) >= (8, 0) else "fp32"
+    done = run_module("torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                      f"--master_port={free_port()}", str(ROOT / "tests" / "multinode_worker.py"), "--config",
+                      str(CONFIG), *overrides(corpus, tmp_path / "run", train_device="cuda", train_precision=precision,
+                                              train_max_steps=6, train_save_every=3, train_eval_every=1000,
+                                              train_eval_bleu_sentences=0, train_average_last=1),
+                      env={**os.environ, "RECORD_DIR": str(record_dir)})
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "device cuda:0" in done.stderr and "device cuda:1" in done.stderr
+    for rank in (0, 1):
+        steps = {s["step"]: s for s in json.loads((record_dir / f"rank{rank}.json").read_text())["steps"]}
+        for n in (2, 4, 5):  # not step 1 (DDP sets up its buckets) nor the saving steps
+            assert steps[n]["reads"] == {"tolist": 1} and steps[n]["built_at_read"] == n + 1, steps[n]
+            assert steps[n]["collectives"] == {"all_reduce": 1, "all_gather": 1}, steps[n]
+    state = load_checkpoint(run_checkpoints(tmp_path / "run")[-1])
+    assert state["step"] == 6 and len(state["rng"]) == 2 and all("cuda" in r for r in state["rng"])

@@ -22,106 +22,44 @@ from collections import Counter
 import pytest
 import torch
 from helpers import CONFIG, ROOT, free_port, one_line_error, overrides, random_model, random_source, run_module
-from torch.utils._python_dispatch import TorchDispatchMode
+from host_reads import HostReads, uncounted
 
 from transformer import runtime
 from transformer import train as train_module
 from transformer.checkpoint import load_checkpoint, run_checkpoints
-from transformer.config import load_config
-from transformer.data.batches import ParallelData, collate
+from transformer.config import ConfigError, load_config
+from transformer.data.batches import Batch, ParallelData, collate
 from transformer.data.tokenizer import EOS_ID, PAD_ID
 from transformer.decoding.search import Hypothesis, beam_search, greedy_search
 from transformer.precision import ProbeShape, choose_precision
 from transformer.train import Ranks, main, optimizer_step, train
 from transformer.training import distributed
 from transformer.training import loss as loss_module
+from transformer.training import step as step_module
 from transformer.training.loss import TranslationLoss, label_smoothed_cross_entropy
 
 # ---------------------------------------------------------------------------------------------
 # Counting host reads
 # ---------------------------------------------------------------------------------------------
 
-class HostReads(TorchDispatchMode):
-    """Counts the operations that make the host wait for a GPU, by kind.
-
-    `item`: a scalar read (`.item()`, `bool(t)`, `float(t)`, `int(t)`); `tolist`: a tensor read
-    into Python; `nonzero` and `masked_select`: outputs whose size depends on the data;
-    `bool_index`: indexing or assignment with a boolean mask (a `nonzero` inside); `from_host`: a
-    tensor made from Python data (`torch.tensor(...)`, a list used as an index), a copy from
-    pageable host memory on a GPU (a 0-dim one, as in `t[i] = 0.0`, is a scalar and not counted). Scalar reads are caught at the Python methods as well as at
-    aten._local_scalar_dense, since under `torch.inference_mode` they do not reach a dispatch mode.
-    """
-
-    READS = {"item": "item", "__bool__": "item", "__float__": "item", "__int__": "item", "tolist": "tolist"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-        self._methods = {name: getattr(torch.Tensor, name) for name in self.READS}
-        self._inside_read = 0
-
-    def _counted(self, name: str):
-        method, kind = self._methods[name], self.READS[name]
-
-        def read(tensor, *args, **kwargs):
-            if self._inside_read == 0:
-                self.counts[kind] += 1
-            self._inside_read += 1
-            try:
-                return method(tensor, *args, **kwargs)
-            finally:
-                self._inside_read -= 1
-
-        return read
-
-    def __enter__(self) -> "HostReads":
-        for name in self.READS:
-            setattr(torch.Tensor, name, self._counted(name))
-        return super().__enter__()
-
-    def __exit__(self, *exc) -> None:
-        for name, method in self._methods.items():
-            setattr(torch.Tensor, name, method)
-        super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if name == "_local_scalar_dense":
-            if self._inside_read == 0:
-                self.counts["item"] += 1
-        elif name in ("nonzero", "masked_select", "nonzero_static"):
-            self.counts[name] += 1
-        elif name in ("index", "index_put_", "index_put"):
-            indices = args[1] if len(args) > 1 else ()
-            if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices):
-                self.counts["bool_index"] += 1
-        elif name == "lift_fresh" and args[0].dim() > 0:  # a 0-dim one is a scalar fill, no copy
-            self.counts["from_host"] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
 def host_reads_per_training_step(cfg_overrides: list[str], steps: tuple[int, int] = (2, 5)) -> Counter[str]:
     """Host reads per optimizer step of `train`, as a GPU run would take them.
 
     Two runs of different lengths are counted and differenced, so that start-up, the final
-    validation and the checkpoints cancel out; batch collation (host work on host tensors) is not
+    validation and the checkpoints cancel out; building batches (host work on host tensors) is not
     counted. The loss takes its device path (`rows_found_on_host` is what a GPU answers).
     """
-    collate_on_host = train_module.collate
+    prefetch = step_module.BatchStream.prefetch
 
-    def collate_uncounted(*args, **kwargs):
-        with torch.utils._python_dispatch._disable_current_modes():
-            return collate_on_host(*args, **kwargs)
+    def prefetch_uncounted(self):
+        with uncounted():
+            return prefetch(self)
 
     totals = []
     for n in steps:
         mp = pytest.MonkeyPatch()
         try:
-            mp.setattr(train_module, "collate", collate_uncounted)
+            mp.setattr(step_module.BatchStream, "prefetch", prefetch_uncounted)
             if hasattr(loss_module, "rows_found_on_host"):
                 mp.setattr(loss_module, "rows_found_on_host", lambda device: False)
             cfg = load_config(CONFIG, [*cfg_overrides, f"train.max_steps={n}",
@@ -154,6 +92,33 @@ def test_a_training_step_reads_the_device_once(corpus, tmp_path):
                             train_eval_every=1000, train_save_every=1000, train_eval_bleu_sentences=0,
                             train_average_last=1, train_log_every=1, train_cooldown=0.2)
         assert host_reads_per_training_step(changes) == Counter(tolist=1), accumulate
+
+
+def test_the_next_steps_batches_are_built_and_sent_before_a_step_waits(corpus, tmp_path, monkeypatch):
+    """While the device runs step n, the host builds step n+1's batches and starts their copies, so
+    that after the step's one read the next step's kernels are launched at once. Each step's
+    token counts are agreed on by the ranks in one collective of host numbers after the step
+    before (here one process, where that collective is the identity)."""
+    events = []
+    collate, to, read = step_module.collate, Batch.to, Ranks.sum_on_device
+    monkeypatch.setattr(step_module, "collate", lambda *a, **k: events.append("build") or collate(*a, **k))
+    monkeypatch.setattr(Batch, "to", lambda self, device: events.append("send") or to(self, device))
+    monkeypatch.setattr(Ranks, "sum_on_device", lambda self, values: events.append("read") or read(self, values))
+    agreed = []
+    agree = Ranks.agree
+    monkeypatch.setattr(Ranks, "agree", lambda self, sums, maxima: agreed.append(list(sums)) or agree(self, sums, maxima))
+    for accumulate in (1, 2):
+        events.clear()
+        agreed.clear()
+        train(load_config(CONFIG, overrides(corpus, tmp_path / f"acc{accumulate}", train_max_steps=4,
+                                            train_accumulate=accumulate, train_eval_every=1000, train_save_every=1000,
+                                            train_eval_bleu_sentences=0, train_average_last=1)))
+        steps = "".join("r" if e == "read" else "b" for e in events if e != "send").split("r")[:4]
+        # Before step 1's read: its batches and step 2's; before each later read: the next step's.
+        assert steps == ["b" * 2 * accumulate] + ["b" * accumulate] * 3, (accumulate, events)
+        assert all(events[i + 1] == "send" for i, e in enumerate(events) if e == "build")
+        # One agreement before step 1 and one after each step, each on the next step's token counts.
+        assert len(agreed) == 5 and all(tgt > 0 and total > tgt for tgt, total in agreed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +270,54 @@ def test_device_choice_under_torchrun(two_gpus):
         runtime.resolve_device("cuda", local_rank=3, world_size=4)
 
 
+def test_a_process_that_sees_one_gpu_uses_it_whatever_its_local_rank(monkeypatch):
+    """SLURM's `srun --gpus-per-task=1` shows each task only its own GPU, as cuda:0, while the ranks
+    of a node count LOCAL_RANK 0, 1, 2, ...; more ranks than GPUs under torchrun is refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for setting in ("auto", "cuda"):
+        assert distributed.run_device(load_config(CONFIG, [f"train.device={setting}"]).train) == torch.device("cuda:0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun started four ranks on this machine
+    with pytest.raises(ConfigError, match="4 ranks on this machine .LOCAL_WORLD_SIZE. but 1 GPU"):
+        distributed.run_device(load_config(CONFIG, ["train.device=cuda"]).train)
+
+
+@pytest.mark.parametrize("size", ["base", "big"])
+def test_the_wmt14_configs_train_in_bf16_on_an_a100_and_in_fp32_on_a_v100(two_gpus, size):
+    cfg = load_config(ROOT / "configs" / f"wmt14_en_de_{size}.yaml")
+    shape = ProbeShape.of(cfg.model.d_model, cfg.model.d_ff, cfg.tokenizer.vocab_size, cfg.train.max_tokens, True)
+    chosen = [choose_precision(cfg.train.precision, torch.device(f"cuda:{i}"), shape).precision for i in (0, 1)]
+    assert chosen == ["fp32", "bf16"]  # cuda:0 is a V100 (7.0), cuda:1 an A100 (8.0)
+
+
+class OldDistributedDataParallel:
+    """The constructor of PyTorch before 2.13's DDP: `broadcast_buffers`, no `forward_sync_buffers`."""
+
+    def __init__(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True):
+        self.module, self.device_ids, self.broadcast_buffers = module, device_ids, broadcast_buffers
+
+
+class NewDistributedDataParallel:
+    """DDP's constructor from PyTorch 2.13: `forward_sync_buffers` beside the deprecated `broadcast_buffers`."""
+
+    def __init__(self, module, device_ids=None, broadcast_buffers=None, forward_sync_buffers=True):
+        self.module, self.device_ids = module, device_ids
+        self.broadcast_buffers, self.forward_sync_buffers = broadcast_buffers, forward_sync_buffers
+
+
+def test_ddp_is_built_without_buffer_broadcasts_in_every_supported_pytorch(monkeypatch):
+    module = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", OldDistributedDataParallel)
+    old = distributed.data_parallel(module, torch.device("cuda:3"))
+    assert (old.broadcast_buffers, old.device_ids) == (False, [3])
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", NewDistributedDataParallel)
+    new = distributed.data_parallel(module, torch.device("cpu"))
+    assert (new.forward_sync_buffers, new.broadcast_buffers, new.device_ids) == (False, None, None)
+
+
 def test_one_gpu_named_for_several_ranks_is_a_one_line_error(two_gpus, corpus, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
@@ -349,6 +362,35 @@ def test_a_cpu_run_gathers_no_cuda_state_on_a_gpu_machine(monkeypatch):
     states = distributed.rng_states(torch.device("cpu"))
     assert list(states[0]) == ["torch"]
     distributed.restore_rng([{**states[0], "cuda": torch.zeros(8, dtype=torch.uint8)}], 0, 1, 1, torch.device("cpu"))
+
+
+def test_a_process_with_a_process_group_prepares_data_in_fresh_processes(corpus, tmp_path, monkeypatch, caplog):
+    """A training process has initialised CUDA and NCCL (here: a gloo group) by the time it prepares
+    data; its children must not be forked from it. The spawned child prepares the same folder as a
+    forked one, and its log lines reach this process's log."""
+    import torch.distributed as dist
+
+    from transformer.data import prepare as prepare_module
+    cfg = load_config(CONFIG, overrides(corpus, tmp_path / "run", tokenizer_cache_dir=tmp_path / "tokenizers")
+                      + ["data.prepare_workers=1", f"data.prepared_dir={tmp_path / 'forked'}"])
+    prepare_module.prepare_in_child(cfg)
+    contexts = []
+    get_context = prepare_module.multiprocessing.get_context
+    monkeypatch.setattr(prepare_module.multiprocessing, "get_context",
+                        lambda method: contexts.append(method) or get_context(method))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        caplog.set_level("INFO")
+        spawned = load_config(CONFIG, overrides(corpus, tmp_path / "run", tokenizer_cache_dir=tmp_path / "tokenizers")
+                              + ["data.prepare_workers=1", f"data.prepared_dir={tmp_path / 'spawned'}"])
+        prepare_module.prepare_in_child(spawned)
+    finally:
+        dist.destroy_process_group()
+    assert contexts == ["spawn"]  # the child's own children are forked from it: it has no threads to fear
+    assert any(r.getMessage().startswith(f"prepared {tmp_path / 'spawned'}") for r in caplog.records)
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("forked", "spawned")]
+    assert manifests[0]["files"] == manifests[1]["files"]
+    assert prepare_module.child_start_method() == "fork"  # without the group, as everywhere in the test process
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,21 +61,33 @@ def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
         os.environ.setdefault(name, str(capacity))
 
 
-def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1, local_world_size: int | None = None) -> torch.device:
     """Turn a device name into a usable device.
 
-    "auto" picks CUDA when available (GPU `local_rank`, the rank's GPU under torchrun), else the
-    CPU; "cuda" means GPU `local_rank`. An explicit "cuda:N" names one GPU, so it is refused for a
-    run of several ranks, which would all land on it.
+    "auto" picks CUDA when available, else the CPU; "auto" and "cuda" take GPU `local_rank`, the
+    rank's GPU under torchrun. A process that sees exactly one GPU takes that one whatever its
+    `local_rank`: launchers that give each task its own GPU (SLURM's `srun --gpus-per-task=1`) show
+    every process only `cuda:0`. An explicit "cuda:N" names one GPU, so it is refused for a run of
+    several ranks, which would all land on it.
+
+    Args:
+        local_world_size: the ranks on this machine, where the launcher says (torchrun's
+            LOCAL_WORLD_SIZE); more of them than visible GPUs is refused rather than sharing a GPU.
 
     Raises:
         ValueError: for a malformed name, a CUDA device on a machine without one, a GPU index past
-            the machine's GPUs, or "cuda:N" with `world_size` > 1.
+            the machine's GPUs, fewer GPUs than ranks on the machine, or "cuda:N" with `world_size` > 1.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     explicit = name.startswith("cuda:")
-    if name == "cuda":
+    if name == "cuda" and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if local_world_size is not None and local_world_size > count:
+            raise ValueError(f"{local_world_size} ranks on this machine (LOCAL_WORLD_SIZE) but {count} GPU(s) visible: "
+                             "start one rank per GPU")
+        name = f"cuda:{local_rank if count > 1 else 0}"
+    elif name == "cuda":
         name = f"cuda:{local_rank}"
     try:
         device = torch.device(name)

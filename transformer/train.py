@@ -25,17 +25,16 @@ from typing import Sequence
 import sacrebleu
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from transformer.checkpoint import CheckpointError, save_checkpoint
 from transformer.config import Config, ConfigError, load_config, save_config
-from transformer.data.batches import Batch, BatchSampler, DataError, ParallelData, bucket_batches, collate, make_batches
+from transformer.data.batches import BatchSampler, DataError, ParallelData, bucket_batches, collate, make_batches
 from transformer.data.tokenizer import PAD_ID, Tokenizer, copy_tokenizers
 from transformer.decoding.translator import translate
 from transformer.model import Transformer
 from transformer.runtime import tune_process_for
 from transformer.training.budget import Clock, Position, StopRequested, stop_reason
-from transformer.training.distributed import Ranks, launch_rank, restore_rng, rng_states, run_device
+from transformer.training.distributed import Ranks, data_parallel, launch_rank, restore_rng, rng_states, run_device
 from transformer.training.loss import TranslationLoss
 from transformer.training.run_data import prepare_data, training_data_fingerprint
 from transformer.training.run_folder import (
@@ -49,7 +48,16 @@ from transformer.training.run_folder import (
 from transformer.training.run_lock import RunLock, RunLockedError
 from transformer.training.run_state import Run, TrainingError, close_finished, finish, finished_before, start_run
 from transformer.training.short_budget import resolve_short_budget
-from transformer.training.step import autocast, backward, grad_scaler, learning_rate, optimizer_step, seconds_per_step
+from transformer.training.step import (
+    BatchStream,
+    agree,
+    autocast,
+    backward,
+    grad_scaler,
+    learning_rate,
+    optimizer_step,
+    seconds_per_step,
+)
 
 log = logging.getLogger("transformer.train")
 
@@ -120,9 +128,10 @@ def load_data(run: Run) -> None:
     time cap would cut its step budget takes the shorter recipe here (see `short_budget`)."""
     cfg = run.cfg
     torch.manual_seed(cfg.train.seed)
-    run.src_tok, run.tgt_tok, run.train_data, run.valid_text, run.valid = prepare_data(cfg, run.run_dir, run.resume_state)
+    run.src_tok, run.tgt_tok, run.train_data, run.valid_text, run.valid = prepare_data(cfg, run.run_dir,
+                                                                                        run.resume_state, run.ranks)
     if run.is_main and run.data_fingerprint is None:  # a new run, or one whose checkpoint records none
-        run.data_fingerprint = training_data_fingerprint(cfg)
+        run.data_fingerprint = training_data_fingerprint(cfg, run.train_data)
     batches = bucket_batches(run.train_data.src_lens, run.train_data.tgt_lens, cfg.train.max_tokens)
     run.sampler = BatchSampler(batches, cfg.train.seed, run.rank, run.ranks.world_size)
     if run.resume_state is None and cfg.train.short_budget != "off":
@@ -144,12 +153,7 @@ def build_run(run: Run, run_log: RunLog | None) -> None:
     run.model = Transformer.from_config(cfg.model, run.src_tok.vocab_size, run.tgt_tok.vocab_size, PAD_ID).to(device)
     run.loss_fn = run.trainer = TranslationLoss(run.model, tc.label_smoothing)
     if run.ranks.world_size > 1:
-        # No buffer broadcast at each forward: the only buffer, the sinusoidal table, is a function
-        # of its size, and a broadcast would cost time and fail once one rank had grown its table.
-        # (`forward_sync_buffers` replaces the deprecated `broadcast_buffers`, which warns on every rank.)
-        run.trainer = nn.parallel.DistributedDataParallel(
-            run.loss_fn, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False,
-        )
+        run.trainer = data_parallel(run.loss_fn, device)
     # fused: one kernel over all parameters, several times faster on the CPU than the default (foreach) step.
     run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2),
                                       eps=tc.adam_eps, weight_decay=tc.weight_decay, fused=True)
@@ -170,41 +174,30 @@ def build_run(run: Run, run_log: RunLog | None) -> None:
     metrics = MetricsLog(run.run_dir / "metrics.jsonl", run.is_main)
     metrics.truncate(run.position.step)
     run.model.train()
-    run.epoch_batches = run.sampler.epoch_batches(run.position.epoch)
+    run.stream = BatchStream(run.sampler, run.train_data, device, tc.accumulate, run.position.epoch, run.position.batch)
     run.progress = ProgressLog(metrics, tc.log_every, tc.max_steps, run.position.step, run.is_main)
     run.clock = Clock(run.position.elapsed)
 
 
-def next_batches(run: Run) -> list[Batch]:
-    """The step's train.accumulate batches, in this rank's order, going on into the next epoch's."""
-    position, batches = run.position, []
-    while len(batches) < run.tc.accumulate:
-        if position.batch >= len(run.epoch_batches):
-            position.epoch += 1
-            position.batch = 0
-            run.epoch_batches = run.sampler.epoch_batches(position.epoch)
-        batches.append(collate(run.epoch_batches[position.batch], run.train_data).to(run.device))
-        position.batch += 1
-    return batches
-
-
 def train_step(run: Run) -> tuple[float, float, float]:
-    """One optimizer step (section 5): the next batches, the scheduled rate, forward and backward,
-    then Adam's update of the clipped gradient, skipped where it is not finite.
+    """One optimizer step (section 5): the step's batches, the scheduled rate, forward and backward,
+    then Adam's update of the clipped gradient, skipped where it is not finite. The next step's
+    batches are built and sent to the device before the update waits for it.
 
     Returns:
         The learning rate, the step's source and target tokens over all ranks, and its loss per
         target token (0 for a skipped step).
     """
-    tc, position = run.tc, run.position
-    batches = next_batches(run)
-    # Host numbers only: token counts come from the host's batches, never from the device.
-    tgt_tokens, all_tokens = run.ranks.reduce_host(
-        [sum(b.n_tgt_tokens for b in batches), sum(b.n_src_tokens + b.n_tgt_tokens for b in batches)])
-    lr = learning_rate(run.cfg, position, len(run.epoch_batches), run.ranks)
+    tc, position, agreed = run.tc, run.position, run.agreed
+    step = run.stream.take()
+    position.epoch, position.batch = step.epoch, step.batch
+    lr = learning_rate(run.cfg, position.step, agreed.used)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = backward(run.trainer, batches, tgt_tokens, run.scaler, tc.precision, run.device, run.ranks.world_size)
+    # Token counts are host numbers, agreed on by the ranks after the step before (`agree`).
+    loss_sum = backward(run.trainer, step.batches, agreed.tgt_tokens, run.scaler, tc.precision, run.device,
+                        run.ranks.world_size)
+    run.stream.prefetch()
     finite, loss = optimizer_step(run.model, run.optimizer, run.scaler, tc.clip_norm, loss_sum, run.ranks)
     if finite:
         position.nonfinite = 0
@@ -217,7 +210,7 @@ def train_step(run: Run) -> tuple[float, float, float]:
     run.optimizer.zero_grad(set_to_none=True)
     position.step += 1
     position.elapsed = run.clock.elapsed()
-    return lr, all_tokens, loss / tgt_tokens if finite else 0.0
+    return lr, agreed.all_tokens, loss / agreed.tgt_tokens if finite else 0.0
 
 
 def after_step(run: Run, stop: StopRequested) -> str | None:
@@ -226,10 +219,12 @@ def after_step(run: Run, stop: StopRequested) -> str | None:
     tc, position = run.tc, run.position
     run.check_lock()
     # Patience is checked after validation, the other limits after every step.
-    limit = stop_reason(replace(tc, patience=0), position, len(run.epoch_batches))
-    # A signal on any rank stops them all.
-    should_stop, signalled = (bool(flag) for flag in run.ranks.reduce_host(
-        [float(limit is not None), float(stop.signal is not None)], dist.ReduceOp.MAX))
+    limit = stop_reason(replace(tc, patience=0), position, len(run.sampler))
+    # The step's one collective of host numbers: whether to stop (a signal on any rank stops them
+    # all), and the next step's token counts and budget.
+    run.agreed = agree(run.ranks, tc, position, run.stream.prefetch(), len(run.sampler), limit is not None,
+                       stop.signal is not None)
+    should_stop, signalled = run.agreed.stop, run.agreed.signalled
     reason = limit or "step limit"
     validation_due = position.step % tc.eval_every == 0 or should_stop
     if signalled:
@@ -250,7 +245,7 @@ def validate_put_off(run: Run, stop: StopRequested) -> str | None:
     """The validation a signal put off, as the run would have done it: why the run stops after it, or None."""
     run.position.validation_due = False
     validate_and_keep_best(run)
-    limit = stop_reason(run.tc, run.position, len(run.epoch_batches))
+    limit = stop_reason(run.tc, run.position, len(run.sampler))
     # Decided with the other ranks, since saving is collective.
     should_stop, signalled = (bool(flag) for flag in run.ranks.reduce_host(
         [float(limit is not None), float(stop.signal is not None)], dist.ReduceOp.MAX))
@@ -271,6 +266,7 @@ def train_loop(run: Run, stop: StopRequested) -> str:
     """
     if run.position.validation_due and (reason := validate_put_off(run, stop)):
         return reason
+    run.agreed = agree(run.ranks, run.tc, run.position, run.stream.prefetch(), len(run.sampler))
     while True:
         lr, tokens, loss = train_step(run)
         run.progress.step(run.position, lr, tokens, loss)
@@ -298,10 +294,11 @@ def train(cfg: Config, resume: bool = False, accept_data_change: bool = False) -
         DataError: the data cannot be read, or changed since the run started (see `accept_data_change`).
         TrainingError: the run cannot go on (e.g. diverged, or its lock was deleted or taken over).
     """
-    run_dir = Path(cfg.train.output_dir)
-    if resume and not run_dir.is_dir():  # checked before the lock creates the folder
+    run_dir, is_main = Path(cfg.train.output_dir), launch_rank()[0] == 0
+    # Checked before the lock creates the folder; on rank 0 alone, which reads and writes it.
+    if resume and is_main and not run_dir.is_dir():
         raise CheckpointError(f"{cfg.train.output_dir}: --resume given but there is no such run folder")
-    with held_run_folder(run_dir, is_main=launch_rank()[0] == 0) as (lock, run_log):
+    with held_run_folder(run_dir, is_main) as (lock, run_log):
         return _train(cfg, resume, run_log, lock, accept_data_change)
 
 

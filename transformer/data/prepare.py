@@ -34,8 +34,10 @@ import hashlib
 import itertools
 import json
 import logging
+import logging.handlers
 import multiprocessing
 import os
+import queue
 import resource
 import shutil
 import sys
@@ -213,6 +215,27 @@ class Corpus:
         return found
 
 
+def reads_hub(d: DataConfig) -> bool:
+    """Whether the training split comes from the Hugging Face hub (local files win where their folder
+    exists, as in `Corpus`)."""
+    return not (d.local_dir is not None and Path(d.local_dir).is_dir()) and d.hub_name is not None
+
+
+def corpus_now(d: DataConfig, load_hub: bool = True) -> list[dict[str, Any]]:
+    """The training corpus's fingerprint now, without content (see `corpus_change`).
+
+    Args:
+        load_hub: for a hub dataset, load it for its own fingerprint; False names it by its name,
+            config and split alone, which `corpus_change` then compares with a recorded fingerprint.
+
+    Raises:
+        DataError: the corpus cannot be read.
+    """
+    if not load_hub and reads_hub(d):
+        return [{"hub": d.hub_name, "config": d.hub_config, "split": d.hub_train_split}]
+    return Corpus(d).fingerprint(with_content=False)
+
+
 def settings(cfg: Config) -> dict[str, Any]:
     """Every setting that changes the prepared ids, as stored in (and compared with) the manifest."""
     d, t = cfg.data, cfg.tokenizer
@@ -334,9 +357,14 @@ def _peak_rss_mib() -> tuple[float, float]:
 
 # ---- the prepare step ----
 
-def stale_reason(cfg: Config, verify_content: bool = True) -> str | None:
+def stale_reason(cfg: Config, verify_content: bool = True, load_hub: bool = True) -> str | None:
     """Why ``cfg.data.prepared_dir`` cannot be used as it is (missing, other settings or corpus,
-    damaged files), or None when it is up to date."""
+    damaged files), or None when it is up to date.
+
+    Args:
+        load_hub: compare a hub dataset's own fingerprint with the recorded one (it is loaded for
+            that); False compares its name, config and split only (see `corpus_now`).
+    """
     folder = Path(cfg.data.prepared_dir)
     if not folder.is_dir():
         return f"{folder} does not exist"
@@ -348,7 +376,7 @@ def stale_reason(cfg: Config, verify_content: bool = True) -> str | None:
         return f"{folder} was prepared with other settings: {difference}"
     recorded = manifest.get("inputs", [])
     try:
-        current = Corpus(cfg.data).fingerprint(with_content=False)
+        current = corpus_now(cfg.data, load_hub)
     except DataError as e:
         # A folder copied to a machine without the corpus: its own checks are all that is left.
         logger.warning("cannot compare %s with its corpus (%s); using it as it is", folder, e)
@@ -364,8 +392,9 @@ def corpus_change(recorded: list[dict[str, Any]], current: list[dict[str, Any]])
 
     Args:
         recorded: a :meth:`Corpus.fingerprint` taken with content.
-        current: the corpus's fingerprint now, without content: a file whose path, size and
-            modification time are unchanged is not read again.
+        current: the corpus's fingerprint now, without content (`corpus_now`): a file whose path,
+            size and modification time are unchanged is not read again; a hub dataset named
+            without its fingerprint is compared by name, config and split.
 
     Returns:
         e.g. "/data/train.de changed", or None.
@@ -379,7 +408,7 @@ def corpus_change(recorded: list[dict[str, Any]], current: list[dict[str, Any]])
             if old.get("path") != new["path"] or old.get("bytes") != new["bytes"] or \
                     old.get("sha256") != file_sha256(Path(new["path"])):
                 return f"{new['path']} changed"
-        elif "hub" in new and old != new:
+        elif "hub" in new and {key: old.get(key) for key in new} != new:
             return f"hub dataset {new['hub']!r} changed"
     return None
 
@@ -421,8 +450,9 @@ def _encode(corpus: Corpus, d: DataConfig, tmp: Path, worker_args: tuple, n_work
             lengths[side].append(side_lens)
         counts.update(chunk_counts)
 
-    # fork: the workers need only SentencePiece and numpy, and start in milliseconds.
-    with multiprocessing.get_context("fork").Pool(
+    # Forked where that is safe (`child_start_method`): the workers need only SentencePiece and
+    # numpy, and start in milliseconds.
+    with multiprocessing.get_context(child_start_method()).Pool(
             n_workers, initializer=_init_worker, initargs=worker_args) as pool:
         pending: collections.deque = collections.deque()
         for chunk in corpus.chunks():
@@ -477,7 +507,7 @@ def prepare(cfg: Config, workers: int | None = None) -> Path:
     counts: collections.Counter = collections.Counter()
 
     # 1. the tokenizer, in a child process: the sample and SentencePiece's training take far more
-    # memory than encoding, and the encoding workers are forked from this process.
+    # memory than encoding, and the encoding workers are started from this process.
     src_path, tgt_path = run_in_child(_train_tokenizers, cfg, corpus)
     src_tok = Tokenizer.load(src_path)
     tgt_tok = src_tok if tgt_path == src_path else Tokenizer.load(tgt_path)
@@ -552,7 +582,28 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _child_main(results: Any, function: Callable[..., Any], args: tuple) -> None:
+def child_start_method() -> str:
+    """How this process starts the children that prepare data: "fork" where that is safe, else "spawn".
+
+    A fork is instant and needs nothing pickled. But a process that has initialised CUDA or joined
+    a torch.distributed process group (a training process, by the time it prepares) runs threads
+    of the CUDA driver, NCCL or gloo, whose locks a forked child can inherit held and then wait on
+    for ever; such a process starts its children as fresh interpreters instead.
+    """
+    import torch
+    import torch.distributed as dist
+
+    return "spawn" if torch.cuda.is_initialized() or (dist.is_available() and dist.is_initialized()) else "fork"
+
+
+def _child_main(results: Any, logs: Any, level: int, function: Callable[..., Any], args: tuple) -> None:
+    # The child's log records go to the parent, which handles them as its own: into its log file,
+    # or into the run's held log before the run may write its folder.
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # a forked child's copies of the parent's handlers
+        root.removeHandler(handler)
+    root.addHandler(logging.handlers.QueueHandler(logs))
+    root.setLevel(level)
     try:
         results.put(function(*args))
     except (ConfigError, DataError, OSError) as e:
@@ -561,19 +612,29 @@ def _child_main(results: Any, function: Callable[..., Any], args: tuple) -> None
 
 
 def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
-    """Call ``function(*args)`` in a forked process, wait for it and return its (small) result.
+    """Call ``function(*args)`` in a child process (see `child_start_method`), wait for it and return
+    its (small) result.
 
     What the call allocates lives and dies in that process, so the caller keeps its own memory; the
-    child inherits the logging handlers, so its lines land in the same log.
+    child's log records are handled by this process's logging, so its lines land in the same log.
 
     Raises:
         ConfigError, DataError, OSError: what ``function`` raised, re-raised here.
         DataError: the child died without a result (its exit status is named).
     """
-    context = multiprocessing.get_context("fork")
-    results = context.SimpleQueue()
-    child = context.Process(target=_child_main, args=(results, function, args), name="transformer-prepare")
+    context = multiprocessing.get_context(child_start_method())
+    results, logs = context.SimpleQueue(), context.Queue()
+    child = context.Process(target=_child_main, name="transformer-prepare",
+                            args=(results, logs, logging.getLogger().getEffectiveLevel(), function, args))
     child.start()
+    while True:
+        try:
+            record = logs.get(timeout=0.1)
+        except queue.Empty:
+            if child.is_alive():
+                continue
+            break  # the child flushed its records before it exited
+        logging.getLogger(record.name).handle(record)
     child.join()
     if results.empty():
         raise DataError(f"{getattr(function, '__name__', function)} failed in its process (exit status {child.exitcode})")
@@ -584,7 +645,7 @@ def run_in_child(function: Callable[..., Any], *args: Any) -> Any:
 
 
 def prepare_in_child(cfg: Config) -> None:
-    """:func:`prepare` in a forked process, so that the training process calling it keeps the memory
+    """:func:`prepare` in a child process, so that the training process calling it keeps the memory
     of training alone."""
     run_in_child(prepare, cfg)
 
@@ -592,9 +653,11 @@ def prepare_in_child(cfg: Config) -> None:
 def ensure_prepared(cfg: Config) -> tuple[PreparedData, dict[str, Tokenizer]]:
     """The prepared training data of ``cfg``, prepared first by one process per machine if needed.
 
-    Under ``torch.distributed``, each machine's local rank 0 checks the folder and (re)builds it if it
-    is missing, stale or damaged, while every other rank waits at a barrier whose timeout
-    (:data:`PREPARE_TIMEOUT`) leaves room for a real corpus; then every rank maps the files. On a
+    Under ``torch.distributed``, each machine's local rank 0 checks the folder (settings, corpus, every
+    file's size and SHA-256) and (re)builds it if it is missing, stale or damaged, while every other
+    rank waits at a barrier whose timeout (:data:`PREPARE_TIMEOUT`) leaves room for a real corpus;
+    then every rank maps the files, checking their sizes. A hub corpus is compared by its name,
+    config and split (``transformer-prepare`` also compares the dataset's own fingerprint). On a
     shared file system the local ranks 0 of several machines may race: each writes its own temporary
     folder and the first rename wins, the bytes being the same.
 
@@ -608,20 +671,20 @@ def ensure_prepared(cfg: Config) -> tuple[PreparedData, dict[str, Tokenizer]]:
 
     distributed = dist.is_available() and dist.is_initialized()
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if distributed else 0
-    checked = False
     if local_rank == 0:
-        reason = stale_reason(cfg)
+        # Every file's content is checked here, once per machine; a hub dataset is named, not loaded.
+        reason = stale_reason(cfg, load_hub=False)
         if reason is not None:
             logger.info("preparing the training data: %s", reason)
             prepare_in_child(cfg)
         else:
             logger.info("using prepared training data in %s", cfg.data.prepared_dir)
-        checked = True
     if distributed:
         group = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
         dist.barrier(group=group)
         dist.destroy_process_group(group)
-    return open_prepared(cfg.data.prepared_dir, verify_content=not checked)
+    # The other ranks of this machine map the files local rank 0 has just checked: sizes only.
+    return open_prepared(cfg.data.prepared_dir, verify_content=False)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -47,7 +47,7 @@ from transformer.training.run_folder import (
 )
 from transformer.training.run_lock import RunLock
 from transformer.training.short_budget import resolve_short_budget
-from transformer.training.step import autocast, run_precision
+from transformer.training.step import Agreed, BatchStream, autocast, run_precision
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ class Run:
     optimizer: torch.optim.Optimizer = field(init=False)
     scaler: torch.amp.GradScaler | None = field(init=False)
     position: Position = field(init=False)
-    epoch_batches: list[list[int]] = field(init=False)
+    stream: BatchStream = field(init=False)  # this rank's batches, a step ahead
+    agreed: Agreed = field(init=False)  # what the ranks agreed on for the next step
     clock: Clock = field(init=False)
     progress: ProgressLog = field(init=False)
 
@@ -120,7 +121,12 @@ class Run:
 
 def start_run(cfg: Config, resume: bool, accept_data_change: bool, lock: RunLock | None) -> Run:
     """This process's device and ranks, the run's precision, and the checkpoint a resumed run starts
-    from, checked against the settings and the data before any work."""
+    from, checked against the settings and the data before any work.
+
+    Global rank 0 reads the checkpoint and checks it; the other ranks receive it, or the error that
+    stops the run, from rank 0, so that their machines need no copy of the run folder (and a stale
+    copy there is never read).
+    """
     tc = cfg.train
     rank, world_size = launch_rank()
     device = run_device(tc)
@@ -132,23 +138,32 @@ def start_run(cfg: Config, resume: bool, accept_data_change: bool, lock: RunLock
         raise ConfigError(f"train.keep_last ({tc.keep_last}) must be >= train.average_last ({tc.average_last})")
     run, recorded = Run(cfg, device, ranks, rank, lock), None
     if resume:
-        resume_path, run.resume_state, run.skipped = load_resume_checkpoint(run.run_dir)
+        resume_path, run.resume_state, run.skipped = ranks.from_main(lambda: load_resume_checkpoint(run.run_dir))
         recorded = checkpoint_config(run.resume_state, resume_path)
     # "auto" becomes what this device runs fastest; the run's config.yaml and checkpoints record the result.
     cfg = replace(cfg, train=replace(tc, precision=run_precision(cfg, device, ranks, recorded)))
     autocast(cfg.train.precision, device)  # validates precision against the device before any work
     if resume:
         cfg = resolve_short_budget(cfg, recorded, None)
-        changes = resume_changes(recorded, cfg, run.resume_state["step"])
-        log.info("resuming from %s", resume_path)
-        for change in changes:
-            log.info("resumed with a changed setting: %s", change)
-        run.data_fingerprint = resumed_data_fingerprint(cfg, run.resume_state, resume_path, accept_data_change)
+        run.data_fingerprint = ranks.from_main(
+            lambda: _check_resume(cfg, recorded, run, resume_path, accept_data_change))
     elif run.is_main and run_checkpoints(run.run_dir):
         raise CheckpointError(f"{run.run_dir} already holds checkpoints: pass --resume to continue it, or choose "
                               "another train.output_dir")
     run.cfg = cfg
     return run
+
+
+def _check_resume(
+    cfg: Config, recorded: Config, run: Run, path: Path, accept_data_change: bool
+) -> list[dict[str, Any]] | None:
+    """Rank 0's checks of a resume: the settings changed and the training data (see
+    `run_data.resumed_data_fingerprint`, whose fingerprint it returns)."""
+    changes = resume_changes(recorded, cfg, run.resume_state["step"])
+    log.info("resuming from %s", path)
+    for change in changes:
+        log.info("resumed with a changed setting: %s", change)
+    return resumed_data_fingerprint(cfg, run.resume_state, path, accept_data_change)
 
 
 def finished_before(run: Run) -> str | None:
@@ -162,7 +177,8 @@ def finished_before(run: Run) -> str | None:
 def close_finished(run: Run, run_log: RunLog | None, done: str) -> Path:
     """A resumed run that had finished: write the average it lacks, or say that there is nothing to do."""
     step, run_dir = run.resume_state["step"], run.run_dir
-    if final_of_step(run_dir / "checkpoints" / "final.pt", step):
+    # Rank 0 alone reads and writes the run folder.
+    if run.is_main and final_of_step(run_dir / "checkpoints" / "final.pt", step):
         steps = "train.short_budget_max_steps" if run.tc.short_budget == "on" else "train.max_steps"
         log.info("%s finished at step %d (%s); nothing to do. Raise %s (or the limit reached) to train on", run_dir,
                  step, done, steps)

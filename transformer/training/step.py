@@ -1,7 +1,8 @@
-"""The parts of one training step: its precision (autocast, the loss scaler fp16 needs, the run's
-choice of precision), its learning rate, the forward and backward passes over the step's batches,
-the update (clip, agree across ranks, step), and the timing of steps that train.short_budget
-projects the budget with.
+"""The parts of one training step: its batches (built and sent to the device while the step before
+runs), its precision (autocast, the loss scaler fp16 needs, the run's choice of precision), its
+learning rate, the forward and backward passes over the step's batches, the update (clip, agree
+across ranks, step), what the ranks agree on between two steps, and the timing of steps that
+train.short_budget projects the budget with.
 
 This module imports nothing from the training loop (`transformer.train`), which builds on it.
 """
@@ -13,14 +14,14 @@ import logging
 import math
 import statistics
 import time
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from transformer.config import Config, ConfigError
-from transformer.data.batches import Batch, ParallelData, collate
+from transformer.config import Config, ConfigError, TrainConfig
+from transformer.data.batches import Batch, BatchSampler, ParallelData, collate
 from transformer.data.prepared import PreparedData
 from transformer.data.tokenizer import PAD_ID
 from transformer.model import Transformer
@@ -71,14 +72,93 @@ def run_precision(cfg: Config, device: torch.device, ranks: Ranks, recorded: Con
     return ranks.gather_objects(None if choice is None else choice.precision)[0]
 
 
-def learning_rate(cfg: Config, position: Position, batches_per_epoch: int, ranks: Ranks) -> float:
-    """The rate of the step after `position`: warm-up, then the inverse square root of the step
-    (the paper's section 5.3, eq. 3), times the linear cool-down where train.cooldown is set."""
+@dataclass
+class StepBatches:
+    """The train.accumulate batches of one optimizer step, on their way to the device, and where this
+    rank's batch order stands after them."""
+
+    batches: list[Batch]
+    epoch: int
+    batch: int  # index of the next batch within this rank's batches of `epoch`
+
+    @property
+    def tgt_tokens(self) -> int:
+        """This rank's target tokens in the step (the labels its loss is summed over)."""
+        return sum(b.n_tgt_tokens for b in self.batches)
+
+    @property
+    def all_tokens(self) -> int:
+        """This rank's source and target tokens in the step."""
+        return sum(b.n_src_tokens + b.n_tgt_tokens for b in self.batches)
+
+
+class BatchStream:
+    """This rank's batches, one step's worth at a time, in its order, going on into the next epoch's.
+
+    `prefetch` builds the next step's batches on the host and starts their copies to the device
+    (pinned memory, non-blocking), so that a step can do it while the device still runs its
+    backward pass, before the step's one wait for the device; `take` hands them over.
+    """
+
+    def __init__(self, sampler: BatchSampler, data: ParallelData | PreparedData, device: torch.device,
+                 accumulate: int, epoch: int, batch: int) -> None:
+        self.sampler, self.data, self.device, self.accumulate = sampler, data, device, accumulate
+        self.epoch, self.batch = epoch, batch
+        self.epoch_batches = sampler.epoch_batches(epoch)
+        self.next: StepBatches | None = None
+
+    def prefetch(self) -> StepBatches:
+        """The next step's batches, built now if they are not yet."""
+        if self.next is None:
+            batches = []
+            while len(batches) < self.accumulate:
+                if self.batch >= len(self.epoch_batches):
+                    self.epoch, self.batch = self.epoch + 1, 0
+                    self.epoch_batches = self.sampler.epoch_batches(self.epoch)
+                batches.append(collate(self.epoch_batches[self.batch], self.data).to(self.device))
+                self.batch += 1
+            self.next = StepBatches(batches, self.epoch, self.batch)
+        return self.next
+
+    def take(self) -> StepBatches:
+        """The next step's batches, which the next `prefetch` will no longer return."""
+        step = self.prefetch()
+        self.next = None
+        return step
+
+
+@dataclass
+class Agreed:
+    """What the ranks agree on between two steps, in one host collective (`agree`)."""
+
+    tgt_tokens: float  # the next step's target tokens over all ranks: its loss is divided by them
+    all_tokens: float  # the next step's source and target tokens over all ranks
+    used: float  # the training budget spent, the most of any rank's: the next step's cool-down
+    stop: bool  # a limit is reached on some rank
+    signalled: bool  # some rank received SIGINT or SIGTERM
+
+
+def agree(ranks: Ranks, tc: TrainConfig, position: Position, next_step: StepBatches, batches_per_epoch: int,
+          stop: bool = False, signalled: bool = False) -> Agreed:
+    """Agree across ranks, in one collective of host numbers, on the next step's token counts and
+    budget and on whether to stop (`stop`, `signalled`: this rank's view). The budget is counted
+    with the next step's batches taken, as its learning rate is."""
+    used = budget_used(tc, replace(position, epoch=next_step.epoch, batch=next_step.batch), batches_per_epoch)
+    (tgt, total), (used, stop_flag, signal_flag) = ranks.agree(
+        [next_step.tgt_tokens, next_step.all_tokens], [used if tc.cooldown else 0.0, float(stop), float(signalled)])
+    return Agreed(tgt, total, used, bool(stop_flag), bool(signal_flag))
+
+
+def learning_rate(cfg: Config, step: int, used: float) -> float:
+    """The rate of the step after `step`: warm-up, then the inverse square root of the step (the
+    paper's section 5.3, eq. 3), times the linear cool-down where train.cooldown is set.
+
+    Args:
+        used: the fraction of the training budget spent (`budget.budget_used`), which ranks agree on.
+    """
     tc = cfg.train
-    lr = noam_lr(position.step + 1, cfg.model.d_model, tc.warmup_steps, tc.lr_scale, tc.lr_decay)
+    lr = noam_lr(step + 1, cfg.model.d_model, tc.warmup_steps, tc.lr_scale, tc.lr_decay)
     if tc.cooldown:
-        # Ranks may disagree on elapsed time; they must agree on the learning rate.
-        used = ranks.reduce_host([budget_used(tc, position, batches_per_epoch)], dist.ReduceOp.MAX)[0]
         lr *= cooldown_factor(used, tc.cooldown)
     return lr
 
