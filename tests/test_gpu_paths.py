@@ -26,8 +26,8 @@ from host_reads import HostReads, uncounted
 
 from transformer import runtime
 from transformer import train as train_module
-from transformer.checkpoint import load_checkpoint, run_checkpoints
-from transformer.config import ConfigError, load_config
+from transformer.checkpoint import CheckpointError, load_checkpoint, run_checkpoints
+from transformer.config import ConfigError, DecodeConfig, load_config
 from transformer.data.batches import Batch, ParallelData, collate
 from transformer.data.tokenizer import EOS_ID, PAD_ID
 from transformer.decoding.search import Hypothesis, beam_search, greedy_search
@@ -391,6 +391,66 @@ def test_a_process_with_a_process_group_prepares_data_in_fresh_processes(corpus,
     manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("forked", "spawned")]
     assert manifests[0]["files"] == manifests[1]["files"]
     assert prepare_module.child_start_method() == "fork"  # without the group, as everywhere in the test process
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding on a GPU machine: int8, TF32, CTranslate2
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tf32_kept():
+    """TF32's process-wide switches as they were before the test."""
+    kept = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = kept
+
+
+def decoding_device(*argv: str) -> torch.device:
+    from transformer.commands import evaluate, options
+    parser = evaluate._parser()
+    return options.prepare(parser, parser.parse_args(["--checkpoint", "model.pt", *argv]))
+
+
+def test_int8_with_device_auto_decodes_on_the_cpu_of_a_gpu_machine(two_gpus, tf32_kept, caplog):
+    caplog.set_level("INFO")
+    assert decoding_device("--precision", "int8") == torch.device("cpu")
+    assert any("int8 runs on the CPU" in r.getMessage() for r in caplog.records)
+    assert decoding_device("--precision", "bf16") == torch.device("cuda:0")
+    # CTranslate2 has its own int8 kernels on GPUs.
+    assert decoding_device("--precision", "int8", "--engine", "ctranslate2") == torch.device("cuda:0")
+
+
+def test_int8_named_for_a_gpu_says_what_to_do(two_gpus):
+    from transformer.commands import options
+    with pytest.raises(CheckpointError, match="int8 runs on the CPU only, not on cuda:1: decode with --device cpu"):
+        options._in_precision(torch.nn.Linear(2, 2), "int8", torch.device("cuda:1"))
+
+
+def test_float32_decoding_on_a_gpu_uses_tf32_as_training_does(two_gpus, tf32_kept):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    decoding_device("--device", "cpu")
+    assert not torch.backends.cuda.matmul.allow_tf32
+    decoding_device("--device", "cuda")
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+def test_ctranslate2_decodes_on_the_device_asked_for(tiny_ctranslate2, monkeypatch):
+    from transformer.commands import evaluate, options
+    from transformer.decoding import ctranslate2_engine
+    made = []
+    translator = ctranslate2_engine.ctranslate2.Translator
+
+    def recorded(folder, **kwargs):
+        made.append({key: kwargs[key] for key in ("device", "device_index")})
+        return translator(folder, **{**kwargs, "device": "cpu", "device_index": 0})  # this machine has no GPU
+
+    monkeypatch.setattr(ctranslate2_engine.ctranslate2, "Translator", recorded)
+    args = evaluate._parser().parse_args(["--checkpoint", str(tiny_ctranslate2), "--engine", "ctranslate2"])
+    for device in ("cuda:1", "cpu"):
+        engine, _, _ = options.load_engine(args, torch.device(device))
+        assert engine.translate(["ein hund"], DecodeConfig(engine="ctranslate2", beam_size=2, max_len_b=3,
+                                                           length_penalty_form="length"))
+    assert made == [{"device": "cuda", "device_index": 1}, {"device": "cpu", "device_index": 0}]
 
 
 # ---------------------------------------------------------------------------------------------

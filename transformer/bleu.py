@@ -13,16 +13,16 @@ dataset's customary preprocessing instead: lowercased, punctuation-normalised
 (``normalize-punctuation.perl``) and Moses-tokenized text, counted by fairseq's or ``multi-bleu.perl``'s
 tokenized BLEU, without compound splitting.
 
-This module imports nothing from the rest of the package.
+This module imports nothing from the rest of the package, and ``sacremoses`` only when a tokenized
+flavour is asked for, so that standard sacreBLEU needs nothing more than sacreBLEU.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 from sacrebleu.metrics import BLEU
-from sacremoses import MosesPunctNormalizer, MosesTokenizer
 
 # perl -ple 's{(\S)-(\S)}{$1 ##AT##-##AT## $2}g': non-overlapping, left to right, like re.sub.
 _COMPOUND = re.compile(r"(\S)-(\S)")
@@ -31,6 +31,20 @@ PAPER_LABEL = "BLEU (paper: Moses-tokenized, compounds split, multi-bleu countin
 MULTI30K_LABEL = "BLEU (Multi30k papers: lowercased, punctuation-normalised, Moses-tokenized)"
 STANDARD_LABEL = "BLEU (standard sacreBLEU, on detokenized text)"
 FLAVOUR_LABELS = {"paper": PAPER_LABEL, "multi30k": MULTI30K_LABEL}  # by `tokenized_bleu` flavour
+
+
+def moses() -> Any:
+    """The sacremoses module, which the tokenized flavours need (imported here, not with this module).
+
+    Raises:
+        ImportError: one line saying how to install it.
+    """
+    try:
+        import sacremoses
+    except ImportError:
+        raise ImportError("the paper's and Multi30k's BLEU flavours need sacremoses (Moses tokenization): "
+                          "pip install sacremoses") from None
+    return sacremoses
 
 
 def split_compounds(text: str) -> str:
@@ -48,7 +62,7 @@ def paper_tokenize(texts: Sequence[str], lang: str) -> list[str]:
     Returns:
         Space-separated tokens per sentence.
     """
-    tokenizer = MosesTokenizer(lang=lang)
+    tokenizer = moses().MosesTokenizer(lang=lang)
     return [split_compounds(tokenizer.tokenize(text, return_str=True)) for text in texts]
 
 
@@ -62,7 +76,8 @@ def multi30k_tokenize(texts: Sequence[str], lang: str) -> list[str]:
     Returns:
         Space-separated lowercase tokens per sentence.
     """
-    normalizer, tokenizer = MosesPunctNormalizer(lang=lang), MosesTokenizer(lang=lang)
+    sacremoses = moses()
+    normalizer, tokenizer = sacremoses.MosesPunctNormalizer(lang=lang), sacremoses.MosesTokenizer(lang=lang)
     return [tokenizer.tokenize(normalizer.normalize(text.lower()), return_str=True, escape=False) for text in texts]
 
 

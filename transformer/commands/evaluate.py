@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from sacrebleu.metrics import BLEU, CHRF
 
 from transformer.atomic import check_not_an_input
-from transformer.bleu import FLAVOUR_LABELS, STANDARD_LABEL, tokenized_bleu
+from transformer.bleu import FLAVOUR_LABELS, STANDARD_LABEL, moses, tokenized_bleu
 from transformer.checkpoint import CheckpointError
 from transformer.commands.options import add_model_arguments, add_rerank_arguments, load_engine, model_inputs, prepare
 from transformer.config import DecodeConfig
@@ -114,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--src and --ref go together")
     device = prepare(parser, args)
     try:
+        if args.bleu != "sacrebleu":
+            moses()  # before any decoding: the flavour's tokenizer is installed
         data_files = [("the --src file", args.src), ("the --ref file", args.ref)] if args.src is not None else []
         if args.output is not None:  # refused before anything is loaded; the split's files are checked below
             check_not_an_input("--output", args.output, model_inputs(args) + data_files)
@@ -141,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             result[f"{args.bleu}_bleu"], result[f"{args.bleu}_bleu_details"] = tokenized_bleu(
                 result["hypotheses"], ref_texts, config.data.tgt_lang, args.bleu)
         output.write_text("".join(h + "\n" for h in result.pop("hypotheses")), encoding="utf-8")
-    except (CheckpointError, DataError, OSError) as e:
+    except (CheckpointError, DataError, ImportError, OSError) as e:
         sys.exit(f"error: {e}")
     logger.info("wrote %d hypotheses to %s", result["n_sentences"], output)
     if args.json:

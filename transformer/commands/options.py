@@ -22,7 +22,7 @@ from transformer.decoding.quantize import quantize_int8
 from transformer.decoding.rerank import ChannelReranker
 from transformer.decoding.translator import RerankingEngine, TorchEngine
 from transformer.precision import ProbeShape, choose_precision
-from transformer.runtime import PRECISION_DTYPES, resolve_device, tune_process_for
+from transformer.runtime import PRECISION_DTYPES, resolve_device, tune_process_for, use_tf32
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,16 @@ def prepare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.
         if not (math.isfinite(args.rerank_weight) and args.rerank_weight >= 0):
             parser.error("--rerank-weight must be a finite number >= 0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    name = args.device
+    if name == "auto" and args.precision == "int8" and args.engine == "torch":
+        name = "cpu"  # this package's int8 decoding is the CPU's (CTranslate2 has its own on GPUs)
+        log.info("--precision int8 runs on the CPU: --device auto takes the CPU")
     try:
-        device = resolve_device(args.device)
+        device = resolve_device(name)
     except ValueError as e:
         parser.error(str(e))
     tune_process_for(device)
+    use_tf32(device, True)  # float32 decoding on a GPU uses TF32 tensor cores, as training does by default
     return device
 
 
@@ -130,7 +135,7 @@ def load_engine(args: argparse.Namespace, device: torch.device) -> tuple[Engine,
             project's, or settings that do not go together.
     """
     if args.engine == "ctranslate2":
-        return _load_ctranslate2(args)
+        return _load_ctranslate2(args, device)
     loaded, decode = load_for_decoding(args, device)
     reranker = load_reranker(args, loaded, decode, device)
     parts = (loaded.src_tokenizer, loaded.tgt_tokenizer, loaded.config.model.max_len, device)
@@ -172,7 +177,8 @@ def _in_precision(model: torch.nn.Module, precision: str, device: torch.device) 
     """The model in a resolved decode precision: int8 (CPU only), or cast to bf16 / fp32."""
     if precision == "int8":
         if device.type != "cpu":
-            raise CheckpointError(f"--precision int8 runs on the CPU only, not on {device}")
+            raise CheckpointError(f"precision int8 runs on the CPU only, not on {device}: decode with --device cpu, "
+                                  "or give --precision fp32 or bf16 to decode on the GPU")
         return quantize_int8(model)
     return model.to(PRECISION_DTYPES[precision])  # log-probabilities stay float32 either way
 
@@ -206,13 +212,13 @@ def load_reranker(
     return ChannelReranker(_in_precision(reverse.model, decode.precision, device), decode.rerank_weight)
 
 
-def _load_ctranslate2(args: argparse.Namespace) -> tuple[Engine, Config, DecodeConfig]:
-    """Load an exported CTranslate2 folder; its length penalty is the export's unless --alpha is given."""
+def _load_ctranslate2(args: argparse.Namespace, device: torch.device) -> tuple[Engine, Config, DecodeConfig]:
+    """Load an exported CTranslate2 folder on `device`; its length penalty is the export's unless --alpha is given."""
     try:
         from transformer.decoding.ctranslate2_engine import load_ctranslate2
     except ImportError:
         raise CheckpointError("--engine ctranslate2 needs the ctranslate2 package: pip install 'transformer[export]'") from None
-    model, config, length_penalty = load_ctranslate2(args.checkpoint[-1], args.precision)
+    model, config, length_penalty = load_ctranslate2(args.checkpoint[-1], args.precision, device)
     exported = dataclasses.replace(config.decode, engine="ctranslate2", length_penalty=length_penalty,
                                    length_penalty_form="length")
     decode = decode_settings(exported, args)

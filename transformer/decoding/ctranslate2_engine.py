@@ -20,8 +20,6 @@ from typing import Sequence
 
 import ctranslate2
 import torch
-import transformers
-from ctranslate2.converters import TransformersConverter
 
 from transformer.checkpoint import CheckpointError
 from transformer.config import Config, ConfigError, DecodeConfig, load_config
@@ -39,31 +37,37 @@ GENERATION_CONFIG = "generation_config.json"
 COMPUTE_TYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8", "auto": "default"}
 
 
-class _MarianConverter(TransformersConverter):
-    """CTranslate2's converter, adapted to where our vocabulary puts padding and how our decoder starts."""
+def _marian_converter() -> type:
+    """CTranslate2's Transformers converter, adapted to where our vocabulary puts padding and how our
+    decoder starts. Built here because it needs `transformers`, which decoding does not."""
+    import transformers
+    from ctranslate2.converters import TransformersConverter
 
-    def load_model(self, model_class, model_name_or_path, **kwargs):  # noqa: ANN001, ANN201 (CTranslate2's signature)
-        # CTranslate2's Marian loader drops the last row of the embeddings, which in Marian models
-        # from the Hub is the padding token appended after the vocabulary. Our padding is id 0, so
-        # the loaded model gets one extra row for the loader to drop (CTranslate2 checks that the
-        # embeddings then match the vocabulary, so a loader that stopped dropping it would fail loudly).
-        model = super().load_model(model_class, model_name_or_path, **kwargs)
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # not a new token to initialise: the row is dropped
-        try:
-            model.resize_token_embeddings(model.config.vocab_size + 1, mean_resizing=False)
-        finally:
-            transformers.logging.set_verbosity(verbosity)
-        return model
+    class MarianConverter(TransformersConverter):
+        def load_model(self, model_class, model_name_or_path, **kwargs):  # noqa: ANN001, ANN201 (CTranslate2's signature)
+            # CTranslate2's Marian loader drops the last row of the embeddings, which in Marian models
+            # from the Hub is the padding token appended after the vocabulary. Our padding is id 0, so
+            # the loaded model gets one extra row for the loader to drop (CTranslate2 checks that the
+            # embeddings then match the vocabulary, so a loader that stopped dropping it would fail loudly).
+            model = super().load_model(model_class, model_name_or_path, **kwargs)
+            verbosity = transformers.logging.get_verbosity()
+            transformers.logging.set_verbosity_error()  # not a new token to initialise: the row is dropped
+            try:
+                model.resize_token_embeddings(model.config.vocab_size + 1, mean_resizing=False)
+            finally:
+                transformers.logging.set_verbosity(verbosity)
+            return model
 
-    def _load(self):  # noqa: ANN202 (CTranslate2's signature)
-        spec = super()._load()
-        folder = Path(self._model_name_or_path)
-        start_id = json.loads((folder / "config.json").read_text(encoding="utf-8"))["decoder_start_token_id"]
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        spec.decoder.start_from_zero_embedding = False
-        spec.config.decoder_start_token = next(piece for piece, i in vocab.items() if i == start_id)
-        return spec
+        def _load(self):  # noqa: ANN202 (CTranslate2's signature)
+            spec = super()._load()
+            folder = Path(self._model_name_or_path)
+            start_id = json.loads((folder / "config.json").read_text(encoding="utf-8"))["decoder_start_token_id"]
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            spec.decoder.start_from_zero_embedding = False
+            spec.config.decoder_start_token = next(piece for piece, i in vocab.items() if i == start_id)
+            return spec
+
+    return MarianConverter
 
 
 def convert_marian(hf_dir: Path, output: Path, quantization: str = "float32") -> None:
@@ -75,7 +79,7 @@ def convert_marian(hf_dir: Path, output: Path, quantization: str = "float32") ->
         quantization: CTranslate2 weight type (float32, int8, int8_float32, bfloat16).
     """
     files = [TOKENIZER_FILE, TRAINING_CONFIG, GENERATION_CONFIG]  # the model card is written for the format
-    _MarianConverter(str(hf_dir), copy_files=files).convert(str(output), quantization=quantization)
+    _marian_converter()(str(hf_dir), copy_files=files).convert(str(output), quantization=quantization)
 
 
 class CTranslate2Model(Engine):
@@ -84,17 +88,19 @@ class CTranslate2Model(Engine):
     Args:
         folder: a folder written by `transformer-export --format ctranslate2`.
         compute_type: CTranslate2 compute type ("default": as converted).
-        threads: intra-op threads (default: torch's).
+        threads: intra-op threads on the CPU (default: torch's).
         max_src_len: longest source in tokens, EOS included, for `translate` (see `Engine`).
+        device: where CTranslate2 runs: the CPU, or a CUDA GPU (its index; "cuda" is GPU 0).
     """
 
     def __init__(
         self, folder: str | Path, compute_type: str = "default", threads: int | None = None,
-        max_src_len: int | None = None,
+        max_src_len: int | None = None, device: str | torch.device = "cpu",
     ) -> None:
         self.folder = Path(folder)
+        device = torch.device(device)
         self.translator = ctranslate2.Translator(
-            str(self.folder), device="cpu", compute_type=compute_type,
+            str(self.folder), device=device.type, device_index=device.index or 0, compute_type=compute_type,
             inter_threads=1, intra_threads=threads or torch.get_num_threads(),
         )
         self.tokenizer = Tokenizer.load(self.folder / TOKENIZER_FILE)
@@ -156,19 +162,22 @@ class CTranslate2Model(Engine):
         return [found[0].tokens for found in self.search(sources, settings)]
 
 
-def load_ctranslate2(folder: str | Path, precision: str | None = None) -> tuple[CTranslate2Model, Config, float]:
+def load_ctranslate2(
+    folder: str | Path, precision: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[CTranslate2Model, Config, float]:
     """Load an exported CTranslate2 folder.
 
     Args:
         folder: from `transformer-export --format ctranslate2`.
         precision: "fp32", "bf16", "int8", or None/"auto" for the converted weight type.
+        device: the CPU or a CUDA GPU.
 
     Returns:
         The model, the training config stored with it, and the length penalty of its generation defaults.
 
     Raises:
         FileNotFoundError: a folder that is not such an export.
-        CheckpointError: a model CTranslate2 cannot load, or not with this precision on this CPU; or a
+        CheckpointError: a model CTranslate2 cannot load, or not with this precision on this device; or a
             damaged training or generation config (the message names the file).
     """
     folder = Path(folder)
@@ -182,10 +191,11 @@ def load_ctranslate2(folder: str | Path, precision: str | None = None) -> tuple[
     length_penalty = _length_penalty(folder / GENERATION_CONFIG)
     compute_type = COMPUTE_TYPES[precision or "auto"]
     try:
-        model = CTranslate2Model(folder, compute_type, max_src_len=config.model.max_len)
-    except (ValueError, RuntimeError) as e:  # e.g. a compute type this CPU lacks, or a damaged model.bin
+        model = CTranslate2Model(folder, compute_type, max_src_len=config.model.max_len, device=device)
+    except (ValueError, RuntimeError) as e:  # e.g. a compute type this device lacks, no CUDA build, a damaged model.bin
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{folder}: CTranslate2 cannot load it with compute type {compute_type} ({reason[:200]})") from None
+        raise CheckpointError(f"{folder}: CTranslate2 cannot load it with compute type {compute_type} on {device} "
+                              f"({reason[:200]})") from None
     return model, config, length_penalty
 
 
