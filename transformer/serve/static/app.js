@@ -7,7 +7,7 @@ const LANGUAGES = { de: "German", en: "English", fr: "French", cs: "Czech", es: 
 // column by the piece fed in at that position (BOS first).
 const KIND_AXES = { encoder: ["source", "source"], decoder: ["output", "target"], cross: ["output", "source"] };
 
-const state = { models: [], model: null, attention: null, chosenRow: null, busy: false };
+const state = { models: [], model: null, maxBeam: 1, attention: null, chosenRow: null, busy: false };
 
 const $ = (id) => document.getElementById(id);
 
@@ -84,6 +84,7 @@ async function loadModels() {
   select.value = answer.default;
   $("model-choice").hidden = answer.models.length < 2;
   $("source").maxLength = answer.limits.max_chars;
+  state.maxBeam = answer.limits.max_beam;
   state.model = answer.models.find((m) => m.name === answer.default);
   showModel();
 }
@@ -99,7 +100,7 @@ async function translate(event) {
   setStatus("Translating…");
   const m = state.model;
   try {
-    const nBest = Math.min(m.decode.beam_size, 16);
+    const nBest = Math.min(m.decode.beam_size, state.maxBeam);
     const answer = await api("/translate", { text, model: m.name, n_best: nBest });
     showTranslation(answer);
     setStatus("");
