@@ -38,8 +38,7 @@ class Limits:
     def errors(self) -> list[str]:
         """What is out of range, one message per problem; empty when valid."""
         sizes = {"max_texts": self.max_texts, "max_chars": self.max_chars, "max_body_bytes": self.max_body_bytes,
-                 "max_in_flight": self.max_in_flight, "max_beam": self.max_beam,
-                 "max_attention_pieces": self.max_attention_pieces}
+                 "max_in_flight": self.max_in_flight, "max_beam": self.max_beam}
         problems = [f"{name} must be >= 1, got {value}" for name, value in sizes.items() if value < 1]
         if self.max_attention_pieces < 2:
             problems.append("max_attention_pieces must be >= 2 (a piece and EOS)")
