@@ -163,7 +163,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--body-timeout", type=float, default=defaults.body_seconds,
                         help=f"seconds a client has to send its request body; 408 after (default: {defaults.body_seconds:g})")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
-                        help="milliseconds a batch waits for more requests after its first (default: 5)")
+                        help="milliseconds a batch waits for more requests to join, what a lone request waits "
+                             "(default: 5); after a long batch the wait grows with its time (docs/serve.md)")
     parser.add_argument("--threads", type=int,
                         help="threads each model call may use (default: PyTorch's, one per core)")
     parser.add_argument("--access-log", action="store_true", help="log every request")

@@ -120,20 +120,25 @@ class Server:
     # The routes.
 
     async def page(self, request: Request) -> Response:
+        """GET /, /app.js, /style.css: the page's files."""
         body, media = self.pages[request.url.path]
         return Response(body, media_type=media, headers=PAGE_HEADERS)
 
     async def health(self, request: Request) -> Response:
+        """GET /health: the server answers, and which models it has."""
         return JSONResponse({"status": "ok", "models": list(self.models)})
 
     async def list_models(self, request: Request) -> Response:
+        """GET /models: each model's description (`ServedModel.describe`) and the limits."""
         return JSONResponse({"default": self.default, "models": [m.describe() for m in self.models.values()],
                              "limits": dataclasses.asdict(self.limits)})
 
     async def metrics_text(self, request: Request) -> Response:
+        """GET /metrics: every metric in Prometheus' text format."""
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE)
 
     async def translate(self, request: Request) -> Response:
+        """POST /translate: the texts' translations (and n-best lists when asked), decoded in the batcher."""
         start = time.perf_counter()
         asked = translate_request(await self._body(request), self.limits)
         model = self._model(asked.model)
@@ -149,12 +154,13 @@ class Server:
         self.metrics.translated(model.name, len(sources), tokens, sum(len(f[0].tokens) for f in found if f))
         answer: dict = {"model": model.name, "translations": best(candidates)}
         if asked.n_best is not None:
-            answer["n_best"] = [[{"text": c.text, "score": c.score} for c in found] for found in candidates]
+            answer["n_best"] = [[{"text": c.text, "score": c.score} for c in listed] for listed in candidates]
         answer["timings"] = {"queue_ms": _ms(batch.waited), "decode_ms": _ms(batch.seconds),
                              "total_ms": _ms(time.perf_counter() - start), "batch_sentences": batch.sentences}
         return JSONResponse(answer)
 
     async def attention(self, request: Request) -> Response:
+        """POST /attention: a sentence's translation and every attention map of the pair."""
         start = time.perf_counter()
         model, source = self._one_sentence(text_request(await self._body(request), self.limits), "/attention")
         torch_model, settings, limit = model.torch_model, model.decode, self.limits.max_attention_pieces
@@ -164,6 +170,7 @@ class Server:
         return JSONResponse({"model": model.name, **answer, "timings": {"total_ms": _ms(time.perf_counter() - start)}})
 
     async def work(self, request: Request) -> Response:
+        """POST /work: a sentence's translation, its FLOPs by component and the time each took."""
         model, source = self._one_sentence(text_request(await self._body(request), self.limits), "/work")
         torch_model, settings = model.torch_model, model.decode
         async with self._admitted():
