@@ -54,9 +54,14 @@ def run_nodes(corpus: Path, run_dirs: list[Path], record_dir: Path, *extra: str,
         started.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                         env={**os.environ, **{k: str(v) for k, v in launch.items()}}))
     done = []
-    for process in started:
-        _, err = process.communicate(timeout=TIMEOUT)
-        done.append(subprocess.CompletedProcess(process.args, process.returncode, "", err))
+    try:
+        for process in started:
+            _, err = process.communicate(timeout=TIMEOUT)
+            done.append(subprocess.CompletedProcess(process.args, process.returncode, "", err))
+    finally:
+        for process in started:  # a node left waiting for the other, which has stopped
+            process.kill()
+            process.wait()
     return done
 
 
