@@ -1,10 +1,13 @@
-"""Label-smoothed cross entropy against PyTorch's F.cross_entropy, in float64, values and gradients."""
+"""Label-smoothed cross entropy, alone and fused with the output projection, against PyTorch's
+F.cross_entropy over F.linear, in float64, values and gradients."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from transformer.training.loss import label_smoothed_cross_entropy
+from transformer.model import Transformer
+from transformer.training.loss import (TranslationLoss, label_smoothed_cross_entropy,
+                                       projected_label_smoothed_cross_entropy)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
@@ -94,3 +97,90 @@ def test_target_probability_below_the_normal_range(dtype):
     batch = logits.to(dtype)
     torch.testing.assert_close(label_smoothed_cross_entropy(batch, target, 0.1).double(), expected.sum(),
                                rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+
+
+def projected_reference(hidden, weight, target, smoothing):
+    return F.cross_entropy(F.linear(hidden, weight), target, label_smoothing=smoothing, reduction="sum")
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("scale", [1.0, 8.0])  # 8: logits of ~±60, most classes underflow
+def test_the_fused_projection_and_loss_match_linear_then_cross_entropy(smoothing, scale):
+    torch.manual_seed(1)
+    hidden = (torch.randn(29, 16, dtype=torch.float64) * scale).requires_grad_()
+    weight = torch.randn(50, 16, dtype=torch.float64).requires_grad_()
+    target = torch.cat([torch.randint(0, 50, (26,)), torch.tensor([3, 3, 3])])  # repeated targets add up in W's grad
+    ref_hidden, ref_weight = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    loss = projected_label_smoothed_cross_entropy(hidden, weight, target, smoothing)
+    expected = projected_reference(ref_hidden, ref_weight, target, smoothing)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    upstream = torch.tensor(0.7, dtype=torch.float64)
+    (loss * upstream).backward()
+    (expected * upstream).backward()
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(weight.grad, ref_weight.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_the_fused_gradient_passes_gradcheck_and_a_retained_graph_repeats_it():
+    torch.manual_seed(3)
+    hidden = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 8, 8, 2, 4, 0])
+    assert torch.autograd.gradcheck(lambda h, w: projected_label_smoothed_cross_entropy(h, w, target, 0.1),
+                                    (hidden, weight))
+    loss = projected_label_smoothed_cross_entropy(hidden, weight, target, 0.1)
+    first = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    second = torch.autograd.grad(loss, (hidden, weight))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    only_weight = torch.autograd.grad(projected_label_smoothed_cross_entropy(hidden.detach(), weight, target, 0.1),
+                                      weight)[0]
+    torch.testing.assert_close(only_weight, first[1], rtol=0, atol=0)
+
+
+def test_the_fused_loss_takes_underflowed_target_rows_from_the_logits():
+    torch.manual_seed(2)
+    hidden = torch.randn(4, 8, dtype=torch.float64)
+    weight = torch.randn(30, 8, dtype=torch.float64)
+    target = torch.tensor([5, 1, 7, 29])
+    hidden[0] = weight[5] * -40.0  # the target logit far under the rest: p_y ~ 0 in float32
+    expected = projected_reference(hidden, weight, target, 0.1)
+    loss = projected_label_smoothed_cross_entropy(hidden.float(), weight.float(), target, 0.1)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_the_fused_loss_refuses_half_precision_and_mixed_dtypes():
+    target = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        projected_label_smoothed_cross_entropy(torch.zeros(2, 4, dtype=torch.bfloat16), torch.zeros(3, 4), target, 0.1)
+    with pytest.raises(ValueError, match="label smoothing"):
+        projected_label_smoothed_cross_entropy(torch.zeros(2, 4), torch.zeros(3, 4), target, -0.1)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_translation_loss_fuses_in_float32_and_projects_first_under_autocast(autocast, monkeypatch):
+    """Both paths give the loss and every parameter's gradient of the plain computation."""
+    torch.manual_seed(4)
+    model = Transformer(src_vocab_size=40, tgt_vocab_size=40, d_model=16, n_heads=2, d_ff=32,
+                        n_encoder_layers=1, n_decoder_layers=1, dropout=0.0, share_embeddings=True).double()
+    src = torch.randint(4, 40, (3, 6))
+    tgt = torch.randint(4, 40, (3, 7))
+    tgt[1, 5:] = 0
+    tgt_in, tgt_out = tgt[:, :-1], tgt[:, 1:]
+    keep = tgt_out.ne(0)
+    expected = F.cross_entropy(model(src, tgt_in)[keep], tgt_out[keep], label_smoothing=0.1, reduction="sum")
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()))
+    called = []
+    import transformer.training.loss as loss_module
+    for name in ("label_smoothed_cross_entropy", "projected_label_smoothed_cross_entropy"):
+        original = getattr(loss_module, name)
+        monkeypatch.setattr(loss_module, name, lambda *a, _f=original, _n=name: called.append(_n) or _f(*a))
+    # Under autocast the products may run in bfloat16: there only the path taken is checked.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = TranslationLoss(model, 0.1)(src, tgt_in, tgt_out)
+    assert called == ["label_smoothed_cross_entropy" if autocast else "projected_label_smoothed_cross_entropy"]
+    if not autocast:
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+        for got, want in zip(torch.autograd.grad(loss, list(model.parameters())), expected_grads):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)

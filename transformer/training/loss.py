@@ -16,6 +16,28 @@ def rows_found_on_host(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+def _target_nll(logits: Tensor, probs: Tensor, target: Tensor, target_logit: Tensor) -> Tensor:
+    """-log p_y of each row, (N,), read off the softmax `probs` of `logits` (N, V): no pass over the rows.
+
+    Below the normal range (a target logit ~87 or more under the row's largest in float32), p_y has
+    lost precision or underflowed to 0: those rows take lse - z_y from the logits instead.
+    """
+    target_prob = probs.gather(1, target.unsqueeze(1)).squeeze(1)
+    nll = target_prob.log().neg_()
+    lost = target_prob < torch.finfo(probs.dtype).tiny
+    if rows_found_on_host(logits.device):
+        # Recompute just the rare rows: finding them costs nothing here.
+        rows = lost.nonzero().squeeze(1)
+        if rows.numel():
+            nll[rows] = torch.logsumexp(logits[rows], dim=1) - target_logit[rows]
+        return nll
+    # Finding the rows would wait for the device. lse = z_max - log p_max instead, where
+    # p_max >= 1/V cannot underflow: one max pass over the probabilities, no exponential.
+    p_max, argmax = probs.max(dim=1)
+    lse = logits.gather(1, argmax.unsqueeze(1)).squeeze(1) - p_max.log()
+    return torch.where(lost, lse - target_logit, nll)
+
+
 class _LabelSmoothedCrossEntropy(torch.autograd.Function):
     """Summed label-smoothed cross entropy whose backward is the softmax its forward computed.
 
@@ -29,24 +51,8 @@ class _LabelSmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
         probs = torch.softmax(logits, dim=1)
-        index = target.unsqueeze(1)
-        target_prob = probs.gather(1, index).squeeze(1)
-        target_logit = logits.gather(1, index).squeeze(1)
-        nll = target_prob.log().neg_()  # -log p_y, read off the softmax: no pass over the row
-        # Below the normal range (a target logit ~87 or more under the row's largest in float32),
-        # p_y has lost precision or underflowed to 0: those rows take lse - z_y from the logits.
-        lost = target_prob < torch.finfo(probs.dtype).tiny
-        if rows_found_on_host(logits.device):
-            # Recompute just the rare rows: finding them costs nothing here.
-            rows = lost.nonzero().squeeze(1)
-            if rows.numel():
-                nll[rows] = torch.logsumexp(logits[rows], dim=1) - target_logit[rows]
-        else:
-            # Finding the rows would wait for the device. lse = z_max - log p_max instead, where
-            # p_max >= 1/V cannot underflow: one max pass over the probabilities, no exponential.
-            p_max, argmax = probs.max(dim=1)
-            lse = logits.gather(1, argmax.unsqueeze(1)).squeeze(1) - p_max.log()
-            nll = torch.where(lost, lse - target_logit, nll)
+        target_logit = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+        nll = _target_nll(logits, probs, target, target_logit)
         loss = (nll + smoothing * (target_logit - logits.mean(dim=1))).sum()
         ctx.save_for_backward(probs, target)
         ctx.smoothing = smoothing
@@ -85,11 +91,76 @@ def label_smoothed_cross_entropy(logits: Tensor, target: Tensor, smoothing: floa
     return _LabelSmoothedCrossEntropy.apply(logits, target, smoothing)
 
 
+class _ProjectedLabelSmoothedCrossEntropy(torch.autograd.Function):
+    """The output projection z = h W^T and the summed label-smoothed cross entropy of z, as one step.
+
+    The gradient of the loss with respect to z is p - q, with q = (1 - eps) onehot(y) + eps / V, and
+    the projection's backward multiplies it by W and by h. Taken apart, (p - q) W =
+    p W - (eps / V) sum_v W_v - (1 - eps) W_y, and (p - q)^T h = p^T h - (eps / V) 1 sum_n h_n
+    - (1 - eps) scatter_y(h): the two matrix products read p as the forward left it, and the
+    smoothing and the targets enter as corrections of (N, D) and (V, D) size. So the (N, V) matrix
+    is written once (the softmax) and never passed over again, where the loss's gradient alone
+    would write a second (N, V) matrix. The mean logit of a row, which the smoothing term needs, is
+    h . mean_v(W). Double backward is not supported.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, target: Tensor, smoothing: float) -> Tensor:
+        logits = torch.mm(hidden, weight.t())
+        probs = torch.softmax(logits, dim=1)
+        target_logit = logits.gather(1, target.unsqueeze(1)).squeeze(1)
+        nll = _target_nll(logits, probs, target, target_logit)
+        mean_logit = torch.mv(hidden, weight.mean(dim=0))
+        loss = (nll + smoothing * (target_logit - mean_logit)).sum()
+        ctx.save_for_backward(hidden, weight, probs, target)
+        ctx.smoothing = smoothing
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        hidden, weight, probs, target = ctx.saved_tensors
+        uniform, on_target = ctx.smoothing / probs.size(1), 1.0 - ctx.smoothing
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = torch.mm(probs, weight)
+            grad_hidden -= uniform * weight.sum(dim=0)
+            grad_hidden -= on_target * weight.index_select(0, target)
+            grad_hidden *= grad
+        if ctx.needs_input_grad[1]:
+            scaled = hidden * grad
+            grad_weight = torch.mm(probs.t(), scaled)
+            grad_weight -= uniform * scaled.sum(dim=0)
+            grad_weight.index_add_(0, target, scaled, alpha=-on_target)
+        return grad_hidden, grad_weight, None, None
+
+
+def projected_label_smoothed_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, smoothing: float) -> Tensor:
+    """`label_smoothed_cross_entropy(hidden @ weight.T, target, smoothing)` with a cheaper backward.
+
+    Args:
+        hidden: (N, D) the decoder's output at the N target positions.
+        weight: (V, D) the pre-softmax projection (no bias).
+        target: (N,) class indices in [0, V).
+        smoothing: epsilon_ls in [0, 1).
+
+    Returns:
+        the summed loss, a scalar in the inputs' dtype. Half precisions are not taken: under
+        autocast, `TranslationLoss` projects first and calls `label_smoothed_cross_entropy`.
+    """
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
+    if hidden.dtype in (torch.float16, torch.bfloat16) or weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden and weight must share a float32 or float64 dtype, got {hidden.dtype} and {weight.dtype}")
+    return _ProjectedLabelSmoothedCrossEntropy.apply(hidden, weight, target, smoothing)
+
+
 class TranslationLoss(nn.Module):
     """Label-smoothed cross entropy of a Transformer on one batch, summed over target tokens.
 
     Logits are computed only at non-padding target positions: padding costs no output projection,
-    no softmax and no memory for a (B, T, V) tensor.
+    no softmax and no memory for a (B, T, V) tensor. Outside autocast, the output projection and the
+    loss are one autograd step (`projected_label_smoothed_cross_entropy`).
     """
 
     def __init__(self, model: Transformer, label_smoothing: float) -> None:
@@ -123,5 +194,9 @@ class TranslationLoss(nn.Module):
         hidden = self.model.decode_hidden(tgt_in, memory, self.model.padding_mask(src))  # (B, T, D)
         if tgt_index is None:
             tgt_index = tgt_out.ne(PAD_ID).flatten().nonzero().squeeze(1)
-        logits = self.model.project(hidden.flatten(0, 1).index_select(0, tgt_index))  # (N, V), N real targets
-        return label_smoothed_cross_entropy(logits, tgt_out.flatten().index_select(0, tgt_index), self.label_smoothing)
+        rows = hidden.flatten(0, 1).index_select(0, tgt_index)  # (N, D), N real targets
+        target = tgt_out.flatten().index_select(0, tgt_index)
+        if torch.is_autocast_enabled(rows.device.type):  # products in half precision, the softmax in float32
+            return label_smoothed_cross_entropy(self.model.project(rows), target, self.label_smoothing)
+        return projected_label_smoothed_cross_entropy(rows, self.model.output_projection.weight, target,
+                                                      self.label_smoothing)
