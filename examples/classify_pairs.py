@@ -1,6 +1,7 @@
 """Tell true German-English translation pairs from mismatched ones with `transformer.model.EncoderClassifier`.
 
-    python examples/classify_pairs.py                      # ~4 minutes on 2 CPU cores
+    python examples/classify_pairs.py                      # a few minutes on 2 CPU cores
+    python examples/classify_pairs.py --init-from none     # the classifier from scratch, its own tokenizer
 
 A bitext-filtering task on Multi30k: every German caption gives a positive example, itself with
 its English translation, and a negative, itself with the English caption of another image whose
@@ -10,6 +11,12 @@ length is close to that of its own translation, so that length alone tells nothi
 baseline (the mean of the token embeddings into a two-layer network) are trained the same way
 (same batches, steps, optimiser and schedule) and their accuracies reported on pairs built from
 test_2016_flickr (validation pairs are reported alongside, for tuning).
+
+By default the classifier starts from a trained German->English translation model
+(`--init-from`, the README's Multi30k run): its embedding and encoder are copied into the
+classifier and the checkpoint's joint tokenizer is used for every model, so that only the
+classification head starts from random. `--also-from-scratch` trains the same classifier from
+random weights beside it.
 """
 
 from __future__ import annotations
@@ -19,12 +26,56 @@ import random
 import time
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer.checkpoint import CheckpointError, load_model
 from transformer.model import EncoderClassifier, TokenEmbedding
 from multi30k_text import BOS_ID, EOS_ID, PAD_ID, read_lines, train_tokenizer  # examples/multi30k_text.py
+
+TRANSLATION_CHECKPOINT = Path("runs/multi30k_de_en/checkpoints/final.pt")  # where the README's first command writes it
+ENCODER_SIZES = ("d_model", "n_heads", "d_ff", "n_layers")
+
+
+class InitError(ValueError):
+    """A translation checkpoint that cannot give this classifier its encoder."""
+
+
+def classifier_from_translation(
+    path: Path, n_classes: int, pooling: str, dropout: float, sizes: dict[str, int | None]
+) -> tuple[EncoderClassifier, spm.SentencePieceProcessor, dict[str, int]]:
+    """An `EncoderClassifier` whose embedding, positions and encoder are those of a trained
+    translation model, with the model's tokenizer and its encoder's sizes; only the classification
+    head is new.
+
+    Args:
+        sizes: sizes asked for on the command line (None: not asked); each must be the checkpoint's.
+    """
+    try:
+        loaded = load_model([path])  # weights_only: loading runs no code from the file
+    except (CheckpointError, OSError) as e:
+        raise InitError(str(e).splitlines()[0]) from None
+    config, translation = loaded.config.model, loaded.model
+    if not loaded.config.tokenizer.joint:
+        raise InitError(f"{path}: its tokenizer is not joint (tokenizer.joint: false), and a pair's German and "
+                        "English pieces need one vocabulary")
+    found = {"d_model": config.d_model, "n_heads": config.n_heads, "d_ff": config.d_ff,
+             "n_layers": config.n_encoder_layers}
+    wrong = [f"--{name.replace('_', '-')} {sizes[name]} (the checkpoint's encoder has {found[name]})"
+             for name in ENCODER_SIZES if sizes[name] is not None and sizes[name] != found[name]]
+    if wrong:
+        raise InitError(f"{path}: does not fit " + ", ".join(wrong))
+    classifier = EncoderClassifier(
+        loaded.src_tokenizer.vocab_size, n_classes, config.d_model, config.n_heads, config.d_ff,
+        config.n_encoder_layers, dropout, config.attention_dropout, config.norm_first, config.activation,
+        config.positional, config.max_len, pooling=pooling, pad_id=PAD_ID)
+    # The same modules on both sides: copy them over, module by module.
+    classifier.embed.load_state_dict(translation.src_embed.state_dict())
+    classifier.positions.load_state_dict(translation.positions.state_dict())
+    classifier.encoder.load_state_dict(translation.encoder.state_dict())
+    return classifier, loaded.src_tokenizer.processor, found
 
 
 def make_pairs(german: list[list[int]], english: list[list[int]], rng: random.Random) -> list[tuple[list[int], int]]:
@@ -95,57 +146,84 @@ def accuracy(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> float:
     return correct / sum(len(labels) for _, labels in batches)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/multi30k"),
                         help="folder with {train,val,test_2016_flickr}.{de,en}.gz (default: ../shared/data/multi30k)")
+    parser.add_argument("--init-from", default=str(TRANSLATION_CHECKPOINT),
+                        help="a de->en translation checkpoint whose embedding and encoder start the classifier, "
+                             f"or 'none' (default: {TRANSLATION_CHECKPOINT}; from scratch, with a note, when absent)")
+    parser.add_argument("--also-from-scratch", action="store_true",
+                        help="with --init-from, also train the same classifier from random weights")
     parser.add_argument("--train-sentences", type=int, default=0, help="use the first N pairs only (0: all)")
-    parser.add_argument("--vocab-size", type=int, default=4000)
-    parser.add_argument("--d-model", type=int, default=128)
-    parser.add_argument("--n-heads", type=int, default=4)
-    parser.add_argument("--d-ff", type=int, default=512)
-    parser.add_argument("--n-layers", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=4000, help="the tokenizer trained without --init-from")
+    parser.add_argument("--d-model", type=int, default=None, help="default: the checkpoint's, or 128 from scratch")
+    parser.add_argument("--n-heads", type=int, default=None, help="default: the checkpoint's, or 4")
+    parser.add_argument("--d-ff", type=int, default=None, help="default: the checkpoint's, or 512")
+    parser.add_argument("--n-layers", type=int, default=None, help="default: the checkpoint's encoder layers, or 2")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--pooling", choices=("mean", "first"), default="mean")
     parser.add_argument("--batch-size", type=int, default=64, help="pairs per step")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    parser.add_argument("--warmup", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the models trained from scratch")
+    parser.add_argument("--init-lr", type=float, default=5e-4, help="peak learning rate of the initialised classifier")
+    parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if not 0 < args.warmup < args.steps:
         parser.error("--warmup must be between 0 and --steps")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    init = None if args.init_from.lower() == "none" else Path(args.init_from)
+    if init is not None and not init.exists() and args.init_from == str(TRANSLATION_CHECKPOINT):
+        print(f"no {init}: make it with `transformer-train --config configs/multi30k_de_en.yaml` "
+              "(about 20 minutes on 2 cores) to start from a trained encoder; training from scratch")
+        init = None
 
     splits = {name: (read_lines(args.data_dir / f"{name}.de.gz", args.train_sentences if name == "train" else 0),
                      read_lines(args.data_dir / f"{name}.en.gz", args.train_sentences if name == "train" else 0))
               for name in ("train", "val", "test_2016_flickr")}
-    tokenizer = train_tokenizer(splits["train"][0] + splits["train"][1], args.vocab_size)
+    sizes = {name: getattr(args, name) for name in ENCODER_SIZES}
+    models: dict[str, tuple] = {}  # name -> (build, peak learning rate)
+    if init is not None:
+        try:
+            initialised, tokenizer, sizes = classifier_from_translation(init, 2, args.pooling, args.dropout, sizes)
+        except InitError as e:
+            raise SystemExit(f"classify_pairs.py: --init-from {e}") from None
+        models[f"encoder classifier from {init.name}"] = (lambda: initialised, args.init_lr)
+    else:
+        tokenizer = train_tokenizer(splits["train"][0] + splits["train"][1], args.vocab_size)
+        sizes = {name: value if value is not None else default
+                 for (name, value), default in zip(sizes.items(), (128, 4, 512, 2))}
+    V = tokenizer.get_piece_size()
+    if init is None or args.also_from_scratch:
+        models["encoder classifier from scratch"] = (lambda: EncoderClassifier(
+            V, 2, sizes["d_model"], sizes["n_heads"], sizes["d_ff"], sizes["n_layers"], args.dropout,
+            pooling=args.pooling, pad_id=PAD_ID), args.lr)
+    models["bag of embeddings"] = (lambda: BagOfEmbeddings(V, sizes["d_model"], args.dropout), args.lr)
+
     rng = random.Random(args.seed)
     batches = {name: make_batches(make_pairs(tokenizer.encode(de), tokenizer.encode(en), rng), args.batch_size)
                for name, (de, en) in splits.items()}
     print(f"{sum(len(b[1]) for b in batches['train'])} training pairs (half of them mismatched), "
-          f"{sum(len(b[1]) for b in batches['test_2016_flickr'])} test pairs; vocabulary {tokenizer.get_piece_size()}")
-
-    V = tokenizer.get_piece_size()
-    models = {
-        "encoder classifier": lambda: EncoderClassifier(
-            V, 2, args.d_model, args.n_heads, args.d_ff, args.n_layers, args.dropout, pooling=args.pooling,
-            pad_id=PAD_ID),
-        "bag of embeddings": lambda: BagOfEmbeddings(V, args.d_model, args.dropout),
-    }
+          f"{sum(len(b[1]) for b in batches['test_2016_flickr'])} test pairs; vocabulary {V}")
     scores = {}
-    for name, build in models.items():
+    for name, (build, lr) in models.items():
         torch.manual_seed(args.seed)
         model = build()
-        seconds = train(model, batches["train"], args.steps, args.lr, args.warmup)
+        seconds = train(model, batches["train"], args.steps, lr, args.warmup)
         scores[name] = accuracy(model, batches["test_2016_flickr"])
-        print(f"{name:18s} accuracy: valid {accuracy(model, batches['val']):.1%}, test {scores[name]:.1%} "
+        print(f"{name:34s} accuracy: valid {accuracy(model, batches['val']):.1%}, test {scores[name]:.1%} "
               f"({args.steps} steps in {seconds:.0f} s)")
-    gain = scores["encoder classifier"] - scores["bag of embeddings"]
-    print(f"attention over bag of embeddings: {100 * gain:+.1f} points of test accuracy")
+    best = next(iter(scores))
+    gain = scores[best] - scores["bag of embeddings"]
+    print(f"{best} over bag of embeddings: {100 * gain:+.1f} points of test accuracy")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ Trains a SentencePiece vocabulary and a small decoder-only Transformer on the 29
 training captions, reports the validation perplexity per token (end-of-sentence included), prints
 sampled captions and saves a checkpoint that `transformer-generate` reads.
 
+`--init-from CHECKPOINT` starts the language model from a trained translation model's decoder
+(its embedding, and in each layer the self-attention, the feed-forward network and their norms;
+the cross-attention has nothing to attend to here and is left out), with that model's target
+tokenizer and sizes, and trains the same model from scratch beside it for comparison.
+
 `--compare` also trains a peer of the same size built from PyTorch's own modules
 (`nn.TransformerEncoder` with a causal mask) on the same batches for the same steps, for each
 `--seeds`, and prints both perplexities and the ratio of training speeds.
@@ -15,6 +20,7 @@ sampled captions and saves a checkpoint that `transformer-generate` reads.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import random
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from transformer.checkpoint import CheckpointError, load_model
 from transformer.model import TransformerLM, sinusoidal_table
 from multi30k_text import BOS_ID, EOS_ID, PAD_ID, read_lines, train_tokenizer  # examples/multi30k_text.py
 
@@ -110,6 +117,30 @@ def train(model: nn.Module, batches: list[Tensor], steps: int, lr: float, warmup
     return tokens / (time.perf_counter() - start)
 
 
+def lm_from_translation(path: Path, dropout: float) -> tuple[TransformerLM, spm.SentencePieceProcessor, dict]:
+    """A `TransformerLM` built from a trained translation model's decoder, with its target
+    tokenizer and the constructor settings (for `save` and a from-scratch twin)."""
+    try:
+        loaded = load_model([path])  # weights_only: loading runs no code from the file
+    except (CheckpointError, OSError) as e:
+        raise SystemExit(f"language_model.py: --init-from {str(e).splitlines()[0]}") from None
+    c, translation = loaded.config.model, loaded.model
+    settings = dict(vocab_size=loaded.tgt_tokenizer.vocab_size, d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff,
+                    n_layers=c.n_decoder_layers, dropout=dropout, attention_dropout=c.attention_dropout,
+                    norm_first=c.norm_first, activation=c.activation, positional=c.positional, max_len=c.max_len,
+                    pad_id=PAD_ID)
+    lm = TransformerLM(**settings)
+    lm.embed.load_state_dict(translation.tgt_embed.state_dict())  # also the tied output projection
+    lm.positions.load_state_dict(translation.positions.state_dict())
+    for mine, theirs in zip(lm.decoder.layers, translation.decoder.layers):
+        # A layer without cross-attention has two norms: after self-attention, after the feed-forward.
+        for name, source in (("self_attn", "self_attn"), ("ff", "ff"), ("norm1", "norm1"), ("norm2", "norm3")):
+            getattr(mine, name).load_state_dict(getattr(theirs, source).state_dict())
+    if lm.decoder.norm is not None:
+        lm.decoder.norm.load_state_dict(translation.decoder.norm.state_dict())
+    return lm, loaded.tgt_tokenizer.processor, settings
+
+
 def save(path: Path, model: TransformerLM, settings: dict, tokenizer: spm.SentencePieceProcessor) -> None:
     """Write weights, constructor settings and tokenizer to one file, atomically (temporary file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +169,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--compare", action="store_true", help="also train the nn.TransformerEncoder peer")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="a translation checkpoint whose decoder starts the model (and a from-scratch twin)")
+    parser.add_argument("--init-lr", type=float, default=5e-4, help="peak learning rate of the initialised model")
     parser.add_argument("--samples", type=int, default=5, help="captions to sample at the end")
     args = parser.parse_args()
     if not 0 < args.warmup < args.steps:
@@ -147,7 +181,12 @@ def main() -> None:
 
     train_text = read_lines(args.data_dir / "train.en.gz", args.train_sentences)
     valid_text = read_lines(args.data_dir / "val.en.gz")
-    tokenizer = train_tokenizer(train_text, args.vocab_size)
+    if args.init_from is not None:
+        initialised, tokenizer, settings = lm_from_translation(args.init_from, args.dropout)
+    else:
+        tokenizer = train_tokenizer(train_text, args.vocab_size)
+        settings = dict(vocab_size=tokenizer.get_piece_size(), d_model=args.d_model, n_heads=args.n_heads,
+                        d_ff=args.d_ff, n_layers=args.n_layers, dropout=args.dropout, pad_id=PAD_ID)
     V = tokenizer.get_piece_size()
     train_ids = [[BOS_ID, *ids, EOS_ID] for ids in tokenizer.encode(train_text)]
     valid_ids = [[BOS_ID, *ids, EOS_ID] for ids in tokenizer.encode(valid_text)]
@@ -155,25 +194,26 @@ def main() -> None:
     print(f"{len(train_ids)} training captions, {sum(map(len, train_ids))} tokens; vocabulary {V} "
           f"(uniform perplexity {V}, ln V = {math.log(V):.2f})")
 
-    settings = dict(vocab_size=V, d_model=args.d_model, n_heads=args.n_heads, d_ff=args.d_ff,
-                    n_layers=args.n_layers, dropout=args.dropout, pad_id=PAD_ID)
-    results: dict[str, list[tuple[float, float]]] = {"TransformerLM": [], "nn.TransformerEncoder": []}
+    builders = {"TransformerLM": (lambda: TransformerLM(**settings), args.lr)}
+    if args.init_from is not None:
+        builders = {f"from {args.init_from.name}": (lambda: copy.deepcopy(initialised), args.init_lr),
+                    "TransformerLM": builders["TransformerLM"]}
+    if args.compare:
+        builders["nn.TransformerEncoder"] = (lambda: TorchCausalLM(
+            V, settings["d_model"], settings["n_heads"], settings["d_ff"], settings["n_layers"], args.dropout), args.lr)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in builders}
     for seed in args.seeds:
         batches = make_batches(train_ids, args.batch_size, random.Random(seed))
-        builders = {"TransformerLM": lambda: TransformerLM(**settings)}
-        if args.compare:
-            builders["nn.TransformerEncoder"] = lambda: TorchCausalLM(
-                V, args.d_model, args.n_heads, args.d_ff, args.n_layers, args.dropout)
-        for name, build in builders.items():
+        for name, (build, lr) in builders.items():
             torch.manual_seed(seed)
             model = build()
             initial = perplexity(model, valid_batches)
-            tokens_per_s = train(model, batches, args.steps, args.lr, args.warmup)
+            tokens_per_s = train(model, batches, args.steps, lr, args.warmup)
             ppl = perplexity(model, valid_batches)
             results[name].append((ppl, tokens_per_s))
             print(f"seed {seed} {name:22s} valid perplexity {initial:7.1f} -> {ppl:6.2f} "
                   f"(loss {math.log(ppl):.3f}); {tokens_per_s:6.0f} training tokens/s")
-            if name == "TransformerLM" and seed == args.seeds[0]:
+            if seed == args.seeds[0] and name == next(iter(builders)):
                 lm = model
     for name, runs in results.items():
         if runs:
