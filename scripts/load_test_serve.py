@@ -234,13 +234,15 @@ def batches_formed(before: dict, after: dict) -> dict[str, float]:
                       if sample == f"{name}_bucket"), key=lambda b: b[0])
     count_labels = next(labels for (sample, labels) in after if sample == f"{name}_count")
     count, total = rise(f"{name}_count", count_labels), rise(f"{name}_sum", count_labels)
+    busy = rise("transformer_serve_batch_seconds_sum", count_labels)
     histogram, below = {}, 0.0
     for bound, labels in buckets:
         cumulative = rise(f"{name}_bucket", labels)
         if cumulative - below:
             histogram[f"<= {bound:g}"] = cumulative - below
         below = cumulative
-    return {"batches": count, "mean_sentences": total / count if count else 0.0, "histogram": histogram}
+    return {"batches": count, "mean_sentences": total / count if count else 0.0, "histogram": histogram,
+            "decoding_seconds": busy, "decoding_per_second": total / busy if busy else 0.0}
 
 
 def memory_report(samples: list[tuple[float, int]]) -> dict:
@@ -284,8 +286,10 @@ def report(run: dict, ceiling: Figures, alone: Figures, loaded: Figures) -> Iter
            f"{loaded.per_second / ceiling.per_second:.2f}x the command; {compared}; {run['command_mismatches']} "
            f"of {alone.sentences} single-request answers differed from the command's line.")
     b = run["batches"]
-    yield f"Batches formed under load: {b['batches']:.0f}, {b['mean_sentences']:.1f} sentences on average; " \
-          f"by size: {', '.join(f'{k}: {v:.0f}' for k, v in b['histogram'].items())}."
+    yield (f"Batches formed under load: {b['batches']:.0f}, {b['mean_sentences']:.1f} sentences on average; "
+           f"by size: {', '.join(f'{k}: {v:.0f}' for k, v in b['histogram'].items())}. The model's thread decoded "
+           f"for {b['decoding_seconds']:.1f} of the {loaded.seconds:.1f} s, at {b['decoding_per_second']:.1f} "
+           "sentences/s while it did.")
     m = run["memory"]
     yield (f"Server memory (RSS): {m['start_mib']:.0f} MiB when the load began, peak {m['peak_at_5s_mib']:.0f} MiB "
            f"in the first {MEMORY_SETTLE_SECONDS:g} s, peak {m['peak_mib']:.0f} MiB over the run "

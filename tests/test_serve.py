@@ -287,6 +287,8 @@ def test_metrics_count_exactly_the_requests_sentences_tokens_and_errors(client, 
     assert rise("transformer_serve_batch_sentences_count", model="tiny") == 3
     assert rise("transformer_serve_batch_sentences_sum", model="tiny") == 6
     assert rise("transformer_serve_batch_tokens_sum", model="tiny") == sources
+    assert rise("transformer_serve_batch_seconds_count", model="tiny") == 3
+    assert 0 < rise("transformer_serve_batch_seconds_sum", model="tiny") < 60
     assert after[("transformer_serve_in_flight", ())] == 0
 
 

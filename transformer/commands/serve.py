@@ -11,6 +11,8 @@ one event loop reads requests and writes answers, one thread runs the models (do
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import ipaddress
 import logging
 import re
@@ -105,6 +107,30 @@ def _per_model(
     return {name: named.get(name, every) for name in names if named.get(name, every) is not None}
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter: how many malloc arenas the process may have
+
+
+def one_malloc_arena() -> bool:
+    """Let every thread allocate from glibc's main arena, as the decoding commands' one thread does.
+
+    The model runs on the batcher's thread, which glibc would otherwise give an arena of its own:
+    such an arena grows in heaps of at most 64 MiB and serves larger blocks (a batch's key/value
+    cache) with a fresh `mmap` each time, page-faulted in afresh and handed back at every free, so
+    that the resident memory swings with each batch. In the main arena they stay, as
+    `runtime.keep_freed_memory` keeps them for the commands. Call it before the threads start.
+
+    Returns:
+        True if glibc took the setting (False elsewhere: nothing changed).
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        return ctypes.CDLL(name).mallopt(M_ARENA_MAX, 1) == 1
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to (host, port) and listening.
 
@@ -182,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ImportError as e:
         sys.exit(f"error: transformer-serve needs the serve extra ({e.name} is missing): pip install 'transformer[serve]'")
     specs = model_specs(parser, args)
+    one_malloc_arena()
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be from 0 to 65535, not {args.port}")
     if not (args.max_wait_ms >= 0 and args.max_wait_ms <= 1000):

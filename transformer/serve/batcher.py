@@ -92,11 +92,13 @@ class Batcher:
 
     Args:
         max_wait: the least quiet gap and wait (see the module), in seconds: what a lone request waits.
-        on_batch: called on the worker thread with (label, sentences, tokens) of every batch of
-            searches it decodes (for metrics).
+        on_batch: called on the worker thread with (label, sentences, tokens, seconds) of every batch
+            of searches it decodes (for metrics).
     """
 
-    def __init__(self, max_wait: float = 0.005, on_batch: Callable[[str, int, int], None] | None = None) -> None:
+    def __init__(
+        self, max_wait: float = 0.005, on_batch: Callable[[str, int, int, float], None] | None = None
+    ) -> None:
         if max_wait < 0:
             raise ValueError(f"max_wait must be >= 0, got {max_wait}")
         self.max_wait = max_wait
@@ -229,7 +231,7 @@ class Batcher:
         seconds = self._last_end - start
         self._last_seconds = seconds
         if self.on_batch is not None:
-            self.on_batch(jobs[0].label, len(sources), tokens)
+            self.on_batch(jobs[0].label, len(sources), tokens, seconds)
         offset = 0
         for job in jobs:
             info = BatchInfo(len(sources), tokens, start - job.submitted, seconds)

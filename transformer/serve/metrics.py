@@ -44,13 +44,16 @@ class ServeMetrics:
                                          "formed", ["model"], buckets=BATCH_SENTENCE_BUCKETS, registry=r)
         self.batch_tokens = Histogram("transformer_serve_batch_tokens", "source tokens in each batch the batcher "
                                       "formed", ["model"], buckets=BATCH_TOKEN_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("transformer_serve_batch_seconds", "decoding time of each batch the batcher "
+                                       "formed", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("transformer_serve_in_flight", "requests admitted to the models and not yet "
                                "answered", registry=r)
 
-    def batch(self, model: str, sentences: int, tokens: int) -> None:
-        """Record one batch the batcher formed."""
+    def batch(self, model: str, sentences: int, tokens: int, seconds: float) -> None:
+        """Record one batch the batcher formed and decoded."""
         self.batch_sentences.labels(model).observe(sentences)
         self.batch_tokens.labels(model).observe(tokens)
+        self.batch_seconds.labels(model).observe(seconds)
 
     def translated(self, model: str, sentences: int, source_tokens: int, target_tokens: int) -> None:
         """Record the sentences and pieces of one answered translation request."""
