@@ -134,8 +134,10 @@ class Ranks:
         return result
 
     def close(self) -> None:
-        """Leave the process group (a no-op for a single process)."""
+        """Leave the process group (a no-op for a single process), once every rank has come here:
+        a rank that tore the group down while rank 0 still wrote final.pt could abort at exit."""
         if self.world_size > 1:
+            dist.barrier(group=self.host_group)
             dist.destroy_process_group()
 
 
