@@ -200,3 +200,10 @@ def random_source(seed: int, lengths: list[int], vocab: int = 20) -> Tensor:
         src[i, : n - 1] = torch.randint(4, vocab, (n - 1,), generator=generator)
         src[i, n - 1] = EOS_ID
     return src
+
+
+def metric_values(text: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

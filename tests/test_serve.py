@@ -13,8 +13,7 @@ import threading
 import httpx
 import pytest
 import torch
-from helpers import TIMEOUT
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import TIMEOUT, metric_values
 from starlette.testclient import TestClient
 
 from transformer.commands import translate as translate_command
@@ -40,12 +39,6 @@ def cli_lines(*args: str) -> list[str]:
         sys.stdout = stdout
     out.flush()
     return out.buffer.getvalue().decode("utf-8").split("\n")[:-1]
-
-
-def metric_values(text: str) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of a Prometheus exposition."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 @pytest.fixture(scope="module")

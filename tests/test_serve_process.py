@@ -13,13 +13,11 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from helpers import ROOT, TIMEOUT, one_line_error, process_state_kept, serving
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import ROOT, TIMEOUT, metric_values, one_line_error, process_state_kept, serving
 
 from transformer.commands import serve as serve_command
 from transformer.commands import translate as translate_command
@@ -38,10 +36,8 @@ def load_script(name: str):
     return module
 
 
-def metric_values(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(url + "metrics", timeout=TIMEOUT).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+def served_metrics(url: str) -> dict[tuple[str, tuple], float]:
+    return metric_values(httpx.get(url + "metrics", timeout=TIMEOUT).text)
 
 
 @pytest.fixture(scope="module")
@@ -176,13 +172,13 @@ def test_a_slow_client_does_not_hold_the_model(server):
 
 def test_metrics_rise_by_exactly_what_was_sent(server, sentences):
     url, _ = server
-    before = metric_values(url)
+    before = served_metrics(url)
     good = [sentences[:2], sentences[2:3], sentences[3:7]]
     for texts in good:
         assert httpx.post(url + "translate", json={"text": texts}).status_code == 200
     for bad in (b"{", b'{"text": 3}', b'{"text": "x", "beam": 0}'):
         assert httpx.post(url + "translate", content=bad).status_code >= 400
-    after = metric_values(url)
+    after = served_metrics(url)
 
     def rise(name, **labels):
         key = (name, tuple(sorted(labels.items())))
@@ -203,9 +199,9 @@ def test_a_short_load_gets_every_answer_right_in_batches(server, sentences, expe
     single-request one, and batches of several requests formed."""
     url, _ = server
     load_test = load_script("load_test_serve")
-    before = metric_values(url)
+    before = served_metrics(url)
     figures = asyncio.run(load_test.concurrent(url, sentences, expected, clients=24, seconds=2.0))
-    batches = load_test.batches_formed(before, metric_values(url))
+    batches = load_test.batches_formed(before, served_metrics(url))
     assert figures.errors == 0 and figures.mismatches == 0 and figures.sentences >= 24
     assert batches["mean_sentences"] > 1.5, batches
     assert figures.percentile(50) <= figures.percentile(99)
