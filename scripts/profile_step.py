@@ -3,12 +3,19 @@
     python scripts/profile_step.py                       # float32, our model, 20 steps
     python scripts/profile_step.py --model peer --precision bf16
 
-Runs `--steps` training steps (forward, backward, fused Adam) on the benchmark's Multi30k batches
-under `torch.profiler`, after `--warmup` untimed ones, and prints each ATen op's self time summed
-over the steps: the matrix products (mm, addmm, bmm, baddbmm, and the fused attention kernel) as
-one group, and the largest of the rest one by one. The matmuls are also grouped by shape, with
-the FLOP/s each shape reaches against a 2048² matmul timed in the same process. Self times are
-what the op itself ran, so nothing is counted twice.
+Runs `--steps` training steps (forward, backward, fused Adam) on the benchmark's Multi30k batches,
+after `--warmup` untimed ones (by default a whole pass over the same batches, so that the heap has
+grown to the largest batch, as it has a few steps into a training run), and prints the time of
+each ATen op summed over the steps: the matrix products (mm, addmm, bmm, baddbmm, and the fused
+attention kernel) as one group, and the largest of the rest one by one. The matmuls are also
+grouped by shape, with the FLOP/s each shape reaches against a 2048² matmul timed in the same
+process.
+
+Each op is timed from a `TorchDispatchMode`, which sees every ATen op of the forward, the backward
+and the optimizer once, after autograd and composite ops have been broken down, so nothing is
+counted twice. `torch.profiler` is not used: its event records are allocated among the step's
+tensors and fragment the heap, so that under it the loss's large (N, V) tensors are page-faulted
+in afresh at every step (the vocabulary softmax then took 10-30x its time outside the profiler).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from transformer.config import load_config
 from transformer.runtime import bound_onednn_caches, keep_freed_memory
@@ -51,6 +58,30 @@ def matmul_flops(name: str, shapes: list) -> int:
     return 0
 
 
+class OpTimer(TorchDispatchMode):
+    """Sums the wall time of every ATen op called under it, by op name, and the matmuls' by shape."""
+
+    def __init__(self, model_dims: set[int]) -> None:
+        super().__init__()
+        self.model_dims = model_dims
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.by_shape: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])  # seconds, FLOPs, calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        elapsed = time.perf_counter() - start
+        name = func._schema.name
+        self.seconds[name] += elapsed
+        if name in MATMULS:
+            shapes = [list(a.shape) for a in args if isinstance(a, torch.Tensor)]
+            entry = self.by_shape[(name, shape_class(shapes, self.model_dims))]
+            entry[0] += elapsed
+            entry[1] += matmul_flops(name, shapes)
+            entry[2] += 1
+        return out
+
+
 def shape_class(shapes: list, model_dims: set[int]) -> str:
     """Input shapes with every size that is not one of the model's own written as N (token counts
     change from batch to batch), e.g. "[N, 256] x [256, 1024]"."""
@@ -64,11 +95,12 @@ def main() -> None:
     parser.add_argument("--model", choices=("ours", "peer"), default="ours", help="peer: torch.nn.Transformer")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: one pass, --steps)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=15, help="ops outside the matmuls listed one by one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    args.warmup = args.steps if args.warmup is None else args.warmup
     keep_freed_memory()
     bound_onednn_caches()
     cfg = load_config(args.config)
@@ -80,11 +112,14 @@ def main() -> None:
     dtype = torch.float32 if args.precision == "fp32" else torch.bfloat16
     a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     torch.matmul(a, b)
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        start = time.perf_counter()
+    model_dims = {cfg.model.d_model, cfg.model.d_ff, 3 * cfg.model.d_model, setup.vocab_size,
+                  cfg.model.d_model // cfg.model.n_heads}
+    timer = OpTimer(model_dims)
+    start = time.perf_counter()
+    with timer:
         for batch in setup.train_batches:
             train_step(trainer, optimizer, batch, args.precision)
-        wall = time.perf_counter() - start
+    wall = time.perf_counter() - start
     peak_times = []
     for _ in range(5):
         t = time.perf_counter()
@@ -92,35 +127,23 @@ def main() -> None:
         peak_times.append(time.perf_counter() - t)
     peak = 2 * 2048**3 / sorted(peak_times)[2]
 
-    model_dims = {cfg.model.d_model, cfg.model.d_ff, 3 * cfg.model.d_model, setup.vocab_size,
-                  cfg.model.d_model // cfg.model.n_heads}
-    self_us: dict[str, float] = defaultdict(float)
-    by_shape: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
-    for event in prof.events():
-        if event.device_type.name != "CPU" or not event.name.startswith("aten::"):
-            continue
-        self_us[event.name] += event.self_cpu_time_total
-        if event.name in MATMULS:
-            flops = matmul_flops(event.name, event.input_shapes)
-            key = (event.name, shape_class(event.input_shapes, model_dims))
-            by_shape[key][0] += event.self_cpu_time_total
-            by_shape[key][1] += flops
-            by_shape[key][2] += 1
+    self_us = {name: seconds * 1e6 for name, seconds in timer.seconds.items()}
+    by_shape = {key: [seconds * 1e6, flops, calls] for key, (seconds, flops, calls) in timer.by_shape.items()}
     total = sum(self_us.values())
     matmul = sum(v for k, v in self_us.items() if k in MATMULS)
     m = machine(cfg)
     print(f"Machine: {m['cpu']}, {m['cores']} cores, {m['capability']}; torch {m['torch']}; {args.threads} threads")
     print(f"{args.model}, {args.precision}, {len(setup.train_batches)} steps of <= {cfg.train.max_tokens} tokens: "
-          f"{wall:.2f} s wall, {total / 1e6:.2f} s of ATen self time")
+          f"{wall:.2f} s wall with the timer, {total / 1e6:.2f} s in ATen ops")
     print(f"2048² {args.precision} matmul: {peak / 1e9:.1f} GFLOP/s\n")
-    print("| ops | self time (s) | share |")
+    print("| ops | time (s) | share |")
     print("|---|---|---|")
     print(f"| matrix products | {matmul / 1e6:.3f} | {matmul / total:.1%} |")
     print(f"| everything else | {(total - matmul) / 1e6:.3f} | {(total - matmul) / total:.1%} |")
     rest = sorted(((v, k) for k, v in self_us.items() if k not in MATMULS), reverse=True)
     for v, k in rest[:args.top]:
         print(f"| {k} | {v / 1e6:.3f} | {v / total:.1%} |")
-    print("\n| matmul | shapes | calls | self time (s) | share of step | GFLOP/s | of 2048² peak |")
+    print("\n| matmul | shapes | calls | time (s) | share of step | GFLOP/s | of 2048² peak |")
     print("|---|---|---|---|---|---|---|")
     for (name, shapes), (us, flops, calls) in sorted(by_shape.items(), key=lambda kv: -kv[1][0])[:args.top]:
         rate = flops / (us / 1e6) if us and flops else 0.0
