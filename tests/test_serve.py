@@ -336,6 +336,45 @@ def test_concurrent_requests_are_decoded_in_one_batch_by_one_thread(tiny, senten
     assert calls[0][0] != threading.get_ident()
 
 
+def test_without_a_model_thread_the_thread_that_runs_the_batcher_decodes(tiny, sentences):
+    """`model_thread=False`, as `transformer-serve` builds it: every search runs on the thread that
+    called `batcher.run()` (there the main thread), which returns once the server closes; a batcher
+    with a thread of its own refuses a second worker."""
+    app = create_app([tiny], max_wait=0.01, model_thread=False)
+    server = app.state.server
+    threads = []
+    search = tiny.engine.search
+
+    def watched(sources, settings):
+        threads.append(threading.get_ident())
+        return search(sources, settings)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=TIMEOUT) as http:
+            return await asyncio.gather(*(http.post("/translate", json={"text": s}) for s in sentences))
+
+    worker = threading.Thread(target=server.batcher.run, name="worker")
+    tiny.engine.search = watched
+    worker.start()
+    try:
+        answers = run_async(scenario())
+    finally:
+        del tiny.engine.search
+        server.close()
+        worker.join(TIMEOUT)
+    assert not worker.is_alive()
+    assert [a.json()["translations"][0] for a in answers] == [best(tiny.engine.translate([s], tiny.decode))[0]
+                                                              for s in sentences]
+    assert threads and set(threads) == {worker.ident}
+    with_thread = create_app([tiny]).state.server
+    try:
+        with pytest.raises(RuntimeError, match="own thread"):
+            with_thread.batcher.run()
+    finally:
+        with_thread.close()
+
+
 def test_more_requests_than_the_in_flight_limit_get_503_and_the_rest_are_served(tiny):
     app = create_app([tiny], Limits(max_in_flight=2))
     server = app.state.server

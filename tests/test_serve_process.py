@@ -9,6 +9,7 @@ import io
 import json
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -228,6 +229,32 @@ def test_the_curl_examples_of_docs_serve_run(server):
 
 
 @pytest.mark.usefixtures("restore_process_state")
+@pytest.mark.parametrize("number, status", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)])
+def test_a_signal_stops_the_server_gracefully_then_takes_its_usual_effect(checkpoint, tmp_path, number, status):
+    """The models run on the main thread and uvicorn on another, which installs no signal handlers:
+    the command's own stop the server as uvicorn would (shutdown logged, no traceback), then Ctrl+C
+    exits with 130 and SIGTERM ends the process as the signal does."""
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "transformer.commands.serve", "--checkpoint", str(checkpoint),
+                                    "--threads", "1", "--port", "0"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (listening := re.search(r"serving on (http://\S+/)", log.read_text(encoding="utf-8"))):
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text(encoding="utf-8")
+            time.sleep(0.05)
+        answer = httpx.post(listening.group(1) + "translate", json={"text": "ein mann"}, timeout=TIMEOUT)
+        assert answer.status_code == 200
+        process.send_signal(number)
+        assert process.wait(TIMEOUT) == status
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    text = log.read_text(encoding="utf-8")
+    assert "Traceback" not in text and "Shutting down" in text and "Finished server process" in text
+
+
 def test_usage_errors_are_one_line_before_anything_loads(checkpoint, capsys):
     for args, message in (
         ([], "give the models to serve"),

@@ -5,19 +5,20 @@ precisions and decode settings), so that a request without settings gets the com
 `--model NAME=CKPT` may be given several times (a lone `--checkpoint CKPT` serves one model named
 after its language pair, e.g. de-en); `--engine` and `--precision` take a value for every model or
 NAME=VALUE for one. The application is `transformer.serve.app`, run by uvicorn on one process:
-one event loop reads requests and writes answers, one thread runs the models (docs/serve.md).
+one event loop, on a thread of its own, reads requests and writes answers, and the main thread runs
+the models (docs/serve.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import ipaddress
 import logging
 import re
+import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,6 +26,7 @@ import torch
 
 from transformer.checkpoint import CheckpointError
 from transformer.commands.options import load_engine, prepare
+from transformer.serve.batcher import Batcher
 from transformer.serve.models import ServedModel
 from transformer.serve.requests import Limits
 
@@ -107,30 +109,6 @@ def _per_model(
     return {name: named.get(name, every) for name in names if named.get(name, every) is not None}
 
 
-M_ARENA_MAX = -8  # glibc's mallopt parameter: how many malloc arenas the process may have
-
-
-def one_malloc_arena() -> bool:
-    """Let every thread allocate from glibc's main arena, as the decoding commands' one thread does.
-
-    The model runs on the batcher's thread, which glibc would otherwise give an arena of its own:
-    such an arena grows in heaps of at most 64 MiB and serves larger blocks (a batch's key/value
-    cache) with a fresh `mmap` each time, page-faulted in afresh and handed back at every free, so
-    that the resident memory swings with each batch. In the main arena they stay, as
-    `runtime.keep_freed_memory` keeps them for the commands. Call it before the threads start.
-
-    Returns:
-        True if glibc took the setting (False elsewhere: nothing changed).
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        return ctypes.CDLL(name).mallopt(M_ARENA_MAX, 1) == 1
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
 def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to (host, port) and listening.
 
@@ -157,6 +135,48 @@ def is_loopback(host: str) -> bool:
         return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
     except (OSError, ValueError):
         return False
+
+
+def serve_with_models_on_main_thread(http, batcher: Batcher, sock: socket.socket) -> None:
+    """Run uvicorn's `http` server on a second thread and `batcher`'s worker (every model call) on
+    this one, the main thread, until the server stops.
+
+    Under load the models decode faster on the main thread than on a second one (docs/serve.md),
+    and their large blocks come from glibc's main arena, which `runtime.keep_freed_memory` keeps
+    at its peak as it does for the commands; another thread's arena would map them afresh at every
+    batch.
+    Ctrl+C and SIGTERM stop the server as uvicorn stops it on its own: requests in flight are
+    answered, the batcher stops, and then the signal takes its usual effect (KeyboardInterrupt for
+    Ctrl+C); a second Ctrl+C stops it without waiting.
+
+    Args:
+        http: a `uvicorn.Server` of an application whose `Server` was built with `model_thread=False`.
+        batcher: that `Server`'s batcher.
+        sock: the listening socket.
+    """
+    received: list[int] = []
+
+    def on_signal(number: int, frame) -> None:
+        received.append(number)
+        http.handle_exit(number, frame)
+
+    def serve() -> None:
+        try:
+            http.run(sockets=[sock])
+        finally:  # the worker below returns, also when the server could not start
+            batcher.close()
+
+    previous = {number: signal.signal(number, on_signal) for number in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=serve, name="http")
+    try:
+        thread.start()
+        batcher.run()
+        thread.join()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    for number in reversed(received):
+        signal.raise_signal(number)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -208,7 +228,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ImportError as e:
         sys.exit(f"error: transformer-serve needs the serve extra ({e.name} is missing): pip install 'transformer[serve]'")
     specs = model_specs(parser, args)
-    one_malloc_arena()
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be from 0 to 65535, not {args.port}")
     if not (args.max_wait_ms >= 0 and args.max_wait_ms <= 1000):
@@ -231,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not is_loopback(args.host):
         logger.warning("listening on %s: other machines can reach this server, which has no authentication; keep "
                        "the default --host 127.0.0.1 unless a proxy in front of it controls access", args.host)
-    app = create_app(models, limits, args.max_wait_ms / 1000.0)
+    app = create_app(models, limits, args.max_wait_ms / 1000.0, model_thread=False)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     for model in models:
@@ -241,8 +260,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = uvicorn.Config(app, log_config=None, access_log=args.access_log, timeout_keep_alive=5,
                             timeout_graceful_shutdown=10)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn stops gracefully on Ctrl+C, then passes the signal on
+        serve_with_models_on_main_thread(uvicorn.Server(config), app.state.server.batcher, sock)
+    except KeyboardInterrupt:  # raised once the server has stopped gracefully
         sys.exit(130)
 
 

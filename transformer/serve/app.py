@@ -89,9 +89,14 @@ class Server:
         models: the served models; the first is the default.
         limits: what a request may ask for.
         max_wait: seconds the batcher waits for more requests to join a batch.
+        model_thread: run the models on a thread of the batcher's own; False: whoever serves the
+            application runs them by calling `self.batcher.run()` (see `transformer.serve.batcher`).
     """
 
-    def __init__(self, models: Sequence[ServedModel], limits: Limits = Limits(), max_wait: float = 0.005) -> None:
+    def __init__(
+        self, models: Sequence[ServedModel], limits: Limits = Limits(), max_wait: float = 0.005,
+        model_thread: bool = True,
+    ) -> None:
         if not models:
             raise ValueError("a server needs at least one model")
         if problems := limits.errors():
@@ -102,7 +107,7 @@ class Server:
         self.default = models[0].name
         self.limits = limits
         self.metrics = ServeMetrics()
-        self.batcher = Batcher(max_wait, on_batch=self.metrics.batch)
+        self.batcher = Batcher(max_wait, on_batch=self.metrics.batch, own_thread=model_thread)
         self.pages = {path: (resources.files("transformer.serve").joinpath("static", name).read_bytes(), media)
                       for path, (name, media) in PAGES.items()}
         self._in_flight = 0
@@ -277,9 +282,11 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
 
-def create_app(models: Sequence[ServedModel], limits: Limits = Limits(), max_wait: float = 0.005) -> Starlette:
-    """The server's ASGI application; `app.state.server` is its `Server`."""
-    server = Server(models, limits, max_wait)
+def create_app(
+    models: Sequence[ServedModel], limits: Limits = Limits(), max_wait: float = 0.005, model_thread: bool = True,
+) -> Starlette:
+    """The server's ASGI application; `app.state.server` is its `Server` (see it for the arguments)."""
+    server = Server(models, limits, max_wait, model_thread)
     routes = [Route(path, answering(server.page), methods=["GET"]) for path in PAGES] + [
         Route("/health", answering(server.health), methods=["GET"]),
         Route("/models", answering(server.list_models), methods=["GET"]),

@@ -12,6 +12,10 @@ out and their clients' next requests come back before the next batch starts, so 
 decoded together rather than in a string of small batches, at a cost of at most a tenth of a
 batch's time. Since only this thread runs the models, no model runs from two threads at once, and
 a slow client, whose request body is read and answer written by the event loop, never holds one.
+
+The worker is the batcher's own thread, or (`own_thread=False`) whichever thread calls `run`:
+`transformer-serve` runs it on the process's main thread and the event loop on a second one, which
+decodes faster under load than the other way round (docs/serve.md).
 """
 
 from __future__ import annotations
@@ -94,10 +98,12 @@ class Batcher:
         max_wait: the least quiet gap and wait (see the module), in seconds: what a lone request waits.
         on_batch: called on the worker thread with (label, sentences, tokens, seconds) of every batch
             of searches it decodes (for metrics).
+        own_thread: start a thread of its own that runs `run`; False: the caller runs it.
     """
 
     def __init__(
-        self, max_wait: float = 0.005, on_batch: Callable[[str, int, int, float], None] | None = None
+        self, max_wait: float = 0.005, on_batch: Callable[[str, int, int, float], None] | None = None,
+        own_thread: bool = True,
     ) -> None:
         if max_wait < 0:
             raise ValueError(f"max_wait must be >= 0, got {max_wait}")
@@ -108,8 +114,9 @@ class Batcher:
         self._closed = False
         self._last_seconds = 0.0  # the previous batch's decoding time
         self._last_end = 0.0  # when it ended (time.perf_counter)
-        self._thread = threading.Thread(target=self._work, name="model", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._work, name="model", daemon=True) if own_thread else None
+        if self._thread is not None:
+            self._thread.start()
 
     async def search(
         self, key: Hashable, sources: list[Sequence[int]], tokens: int, budget: int, search: Search, label: str = ""
@@ -144,11 +151,13 @@ class Batcher:
         return await job.future
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop after the batch in progress; jobs still waiting fail with `BatcherClosed`."""
+        """Stop after the batch in progress; jobs still waiting fail with `BatcherClosed`. Waits up
+        to `timeout` seconds for its own thread to end (`run` on another thread returns by itself)."""
         with self._condition:
             self._closed = True
             self._condition.notify_all()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _submit(self, job: _Job) -> None:
         with self._condition:
@@ -157,8 +166,19 @@ class Batcher:
             self._pending.append(job)
             self._condition.notify_all()
 
+    def run(self) -> None:
+        """Be the worker on the calling thread until `close` (a batcher built with `own_thread=False`;
+        from one thread only).
+
+        Raises:
+            RuntimeError: the batcher has a thread of its own, which is its worker.
+        """
+        if self._thread is not None:
+            raise RuntimeError("this batcher's worker is its own thread")
+        self._work()
+
     def _work(self) -> None:
-        """The worker thread: take the next batch, run it, repeat until closed."""
+        """The worker: take the next batch, run it, repeat until closed."""
         while True:
             jobs = self._next_batch()
             if jobs is None:
