@@ -12,9 +12,10 @@ import torch
 from helpers import one_line_error
 
 from transformer.bleu import tokenized_bleu
-from transformer.checkpoint import load_checkpoint, load_model, save_checkpoint, save_safetensors
+from transformer import checkpoint
+from transformer.checkpoint import elements_bound, load_checkpoint, load_model, save_checkpoint, save_safetensors
 from transformer.commands import attention, average, evaluate, export, generate, options, translate
-from transformer.config import ConfigError, load_config
+from transformer.config import ConfigError, ModelConfig, load_config
 from transformer.data.batches import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -135,6 +136,41 @@ def test_a_small_file_whose_config_asks_for_a_huge_model_is_refused_before_the_m
               "try:\n    load_model([sys.argv[1]])\nexcept CheckpointError as e:\n    sys.exit(f'refused: {e}')")
     done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and done.stderr.startswith("refused: ") and "has shape" in done.stderr, done.stderr[-500:]
+
+
+@pytest.mark.parametrize("sizes", [
+    {}, {"share_embeddings": True}, {"tie_output": False}, {"positional": "learned"}, {"norm_first": True},
+    {"n_encoder_layers": 1, "n_decoder_layers": 3, "d_ff": 24, "max_len": 7},
+])
+def test_the_element_bound_is_above_every_built_model(sizes):
+    """`load_model` trusts the bound to tell a file that holds what its config asks for (built at
+    once) from one that asks for more (shapes checked without storage first): it must never be
+    below what a model really allocates."""
+    config = ModelConfig(**{"d_model": 16, "n_heads": 2, "d_ff": 40, "n_encoder_layers": 2, "n_decoder_layers": 2,
+                            "max_len": 50, **sizes})
+    src_vocab, tgt_vocab = (37, 37) if config.share_embeddings else (37, 29)
+    model = checkpoint.Transformer.from_config(config, src_vocab, tgt_vocab, 0)
+    built = sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    assert built <= elements_bound(config, src_vocab, tgt_vocab) <= 2 * built
+
+
+def test_an_honest_checkpoint_is_built_at_once_and_a_huge_config_first_without_storage(tiny_run, tmp_path, monkeypatch):
+    checked = []
+    check_weights = checkpoint.check_weights
+
+    def watched(model, weights, path):
+        checked.append(next(model.parameters()).is_meta)
+        return check_weights(model, weights, path)
+
+    monkeypatch.setattr(checkpoint, "check_weights", watched)
+    load_model([tiny_run / "checkpoints" / "step_1.pt"])
+    assert checked == [False]
+    checked.clear()
+    huge = variant(tiny_run / "checkpoints" / "step_1.pt", tmp_path / "huge.pt",
+                   lambda state: state["config"]["model"].update(d_model=16384, d_ff=65536))
+    with pytest.raises(checkpoint.CheckpointError, match="has shape"):
+        load_model([huge])
+    assert checked == [True]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])

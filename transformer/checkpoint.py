@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from transformer.atomic import atomic_write, atomic_write_bytes, check_not_an_input
-from transformer.config import Config, ConfigError, config_from_dict, config_to_dict
+from transformer.config import Config, ConfigError, ModelConfig, config_from_dict, config_to_dict
 from transformer.data.tokenizer import PAD_ID, Tokenizer
 from transformer.model import Transformer
 
@@ -358,6 +358,27 @@ class LoadedModel:
     tgt_tokenizer: Tokenizer
 
 
+def elements_bound(model: ModelConfig, src_vocab: int, tgt_vocab: int) -> int:
+    """More elements than the parameters and buffers of the `Transformer` of `model` hold together:
+    an upper bound, not a count (tests/test_input_checks.py checks it against built models).
+
+    Two target-sized tables (embedding and an untied projection, plus its bias), the source table,
+    positions learned or precomputed, final norms, and per layer at most 12 D^2 + 2 D d_ff weights
+    (a decoder layer has 8 D^2) and 16 D + d_ff biases and norm parameters.
+    """
+    D, F = model.d_model, model.d_ff
+    layers = model.n_encoder_layers + model.n_decoder_layers
+    return ((src_vocab + 2 * tgt_vocab + 2 * model.max_len + 4) * D + tgt_vocab
+            + layers * (12 * D * D + 2 * D * F + 16 * D + F))
+
+
+def _elements(weights: Any) -> int:
+    """Elements of the tensors of a loaded state dict (0 for anything else)."""
+    if not isinstance(weights, dict):
+        return 0
+    return sum(t.numel() for t in weights.values() if isinstance(t, torch.Tensor))
+
+
 def load_model(paths: Sequence[str | Path], device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the model of one checkpoint, or the parameter average of several, in eval mode."""
     if not paths:
@@ -366,14 +387,20 @@ def load_model(paths: Sequence[str | Path], device: str | torch.device = "cpu") 
     state = average_checkpoints(paths) if len(paths) > 1 else load_checkpoint(path)
     config = checkpoint_config(state, path)
     src_tok, tgt_tok = checkpoint_tokenizers(state, config.tokenizer.joint, path)
+    weights = state["model"]
     try:
-        # The shapes are checked on a model without storage first: a small file whose config asks for
-        # a huge model (each size within its limit) is refused before that model is allocated.
-        with torch.device("meta"):
-            check_weights(Transformer.from_config(config.model, src_tok.vocab_size, tgt_tok.vocab_size, PAD_ID),
-                          state["model"], path)
+        if elements_bound(config.model, src_tok.vocab_size, tgt_tok.vocab_size) > 2 * _elements(weights) + (1 << 20):
+            # A config that asks for far more than the file holds: its shapes are checked on a model
+            # without storage first, so that a small file whose config asks for a huge model (each
+            # size within its limit) is refused before that model is allocated. Only such a file
+            # takes this path: building on the meta device loads PyTorch's compiler stack (about a
+            # second), which an honest checkpoint should not cost every command that starts.
+            with torch.device("meta"):
+                check_weights(Transformer.from_config(config.model, src_tok.vocab_size, tgt_tok.vocab_size, PAD_ID),
+                              weights, path)
         model = Transformer.from_config(config.model, src_tok.vocab_size, tgt_tok.vocab_size, PAD_ID)
-        model.load_state_dict(state["model"])
+        check_weights(model, weights, path)
+        model.load_state_dict(weights)
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"{path}: inconsistent checkpoint ({str(e).splitlines()[0][:200]})") from None
     return LoadedModel(model.to(device).eval(), config, src_tok, tgt_tok)
