@@ -15,8 +15,8 @@ test_2016_flickr (validation pairs are reported alongside, for tuning).
 By default the classifier starts from a trained German->English translation model
 (`--init-from`, the README's Multi30k run): its embedding and encoder are copied into the
 classifier and the checkpoint's joint tokenizer is used for every model, so that only the
-classification head starts from random. `--also-from-scratch` trains the same classifier from
-random weights beside it.
+classification head starts from random; that head learns at its own, higher rate (`--init-head-lr`).
+`--also-from-scratch` trains the same classifier from random weights beside it.
 """
 
 from __future__ import annotations
@@ -119,9 +119,21 @@ class BagOfEmbeddings(nn.Module):
         return self.head(x.sum(1) / real.sum(1))
 
 
-def train(model: nn.Module, batches: list[tuple[Tensor, Tensor]], steps: int, lr: float, warmup: int) -> float:
-    """Adam with a linear warm-up and a linear decay to zero over `steps`; returns the seconds taken."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-9)
+def parameter_groups(model: nn.Module, lr: float, head_lr: float | None) -> list[dict]:
+    """Adam's parameter groups: everything at `lr`, or, with `head_lr`, the model's `head` at
+    `head_lr` and the rest at `lr` (a new head beside trained layers learns faster than the layers
+    may move)."""
+    if head_lr is None:
+        return [{"params": list(model.parameters()), "lr": lr}]
+    head = list(model.head.parameters())
+    rest = [p for p in model.parameters() if all(p is not h for h in head)]
+    return [{"params": rest, "lr": lr}, {"params": head, "lr": head_lr}]
+
+
+def train(model: nn.Module, batches: list[tuple[Tensor, Tensor]], steps: int, groups: list[dict], warmup: int) -> float:
+    """Adam over `groups` (see `parameter_groups`), each group's learning rate with a linear warm-up
+    and a linear decay to zero over `steps`; returns the seconds taken."""
+    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.98), eps=1e-9)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / (steps - warmup)))
     )
@@ -167,6 +179,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the models trained from scratch")
     parser.add_argument("--init-lr", type=float, default=5e-4, help="peak learning rate of the initialised classifier")
+    parser.add_argument("--init-head-lr", type=float, default=5e-3,
+                        help="peak learning rate of the initialised classifier's new linear head")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -190,13 +204,13 @@ def main() -> None:
                      read_lines(args.data_dir / f"{name}.en.gz", args.train_sentences if name == "train" else 0))
               for name in ("train", "val", "test_2016_flickr")}
     sizes = {name: getattr(args, name) for name in ENCODER_SIZES}
-    models: dict[str, tuple] = {}  # name -> (build, peak learning rate)
+    models: dict[str, tuple] = {}  # name -> (build, peak learning rate, the head's if another)
     if init is not None:
         try:
             initialised, tokenizer, sizes = classifier_from_translation(init, 2, args.pooling, args.dropout, sizes)
         except InitError as e:
             raise SystemExit(f"classify_pairs.py: --init-from {e}") from None
-        models[f"encoder classifier from {init.name}"] = (lambda: initialised, args.init_lr)
+        models[f"encoder classifier from {init.name}"] = (lambda: initialised, args.init_lr, args.init_head_lr)
     else:
         tokenizer = train_tokenizer(splits["train"][0] + splits["train"][1], args.vocab_size)
         sizes = {name: value if value is not None else default
@@ -205,8 +219,8 @@ def main() -> None:
     if init is None or args.also_from_scratch:
         models["encoder classifier from scratch"] = (lambda: EncoderClassifier(
             V, 2, sizes["d_model"], sizes["n_heads"], sizes["d_ff"], sizes["n_layers"], args.dropout,
-            pooling=args.pooling, pad_id=PAD_ID), args.lr)
-    models["bag of embeddings"] = (lambda: BagOfEmbeddings(V, sizes["d_model"], args.dropout), args.lr)
+            pooling=args.pooling, pad_id=PAD_ID), args.lr, None)
+    models["bag of embeddings"] = (lambda: BagOfEmbeddings(V, sizes["d_model"], args.dropout), args.lr, None)
 
     rng = random.Random(args.seed)
     batches = {name: make_batches(make_pairs(tokenizer.encode(de), tokenizer.encode(en), rng), args.batch_size)
@@ -214,10 +228,10 @@ def main() -> None:
     print(f"{sum(len(b[1]) for b in batches['train'])} training pairs (half of them mismatched), "
           f"{sum(len(b[1]) for b in batches['test_2016_flickr'])} test pairs; vocabulary {V}")
     scores = {}
-    for name, (build, lr) in models.items():
+    for name, (build, lr, head_lr) in models.items():
         torch.manual_seed(args.seed)
         model = build()
-        seconds = train(model, batches["train"], args.steps, lr, args.warmup)
+        seconds = train(model, batches["train"], args.steps, parameter_groups(model, lr, head_lr), args.warmup)
         scores[name] = accuracy(model, batches["test_2016_flickr"])
         print(f"{name:34s} accuracy: valid {accuracy(model, batches['val']):.1%}, test {scores[name]:.1%} "
               f"({args.steps} steps in {seconds:.0f} s)")

@@ -129,3 +129,14 @@ def test_language_model_starts_from_the_translation_models_decoder(tiny_run):
                 assert torch.equal(tensor, weights[f"decoder.layers.{i}.{theirs}.{name}"]), (i, mine, name)
     assert settings["n_layers"] == len(lm.decoder.layers) == 1 and settings["vocab_size"] == tokenizer.get_piece_size()
     assert lm(torch.tensor([[2, 5, 6]])).shape == (1, 3, settings["vocab_size"])
+
+
+def test_pair_classifier_gives_the_new_head_its_own_learning_rate():
+    example = load_example("classify_pairs.py")
+    model = example.EncoderClassifier(50, 2, 16, 2, 32, 1)
+    rest, head = example.parameter_groups(model, 1e-3, 1e-2)
+    assert head["lr"] == 1e-2 and [p.shape for p in head["params"]] == [(2, 16), (2,)]
+    assert rest["lr"] == 1e-3 and len(rest["params"]) + 2 == len(list(model.parameters()))
+    assert {id(p) for p in rest["params"]}.isdisjoint(id(p) for p in head["params"])
+    (alone,) = example.parameter_groups(model, 1e-3, None)
+    assert alone["lr"] == 1e-3 and len(alone["params"]) == len(list(model.parameters()))
