@@ -170,7 +170,10 @@ def serve_with_models_on_main_thread(http, batcher: Batcher, sock: socket.socket
     thread = threading.Thread(target=serve, name="http")
     try:
         thread.start()
-        batcher.run()
+        try:
+            batcher.run()
+        finally:  # the server stops too, whatever ended the worker (an error here would leave it serving)
+            http.should_exit = True
         thread.join()
     finally:
         for number, handler in previous.items():
